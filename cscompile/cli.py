@@ -1,0 +1,106 @@
+"""Command line: click commands that call the library functions, nothing more.
+
+Exit codes: 0 success, 2 bad input (CsError subclasses UserInputError), 1 failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import CsError
+
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn):
+    """Turn CsError into one line on stderr and its exit code; never a traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CsError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug of ours: one line unless debugging
+            if os.environ.get("CSCOMPILE_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                       f" (set CSCOMPILE_DEBUG=1 for a traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cscompile")
+def main():
+    """cscompile: compile a causal LM + calibration prompts into task-specialised sparse paths."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True),
+              help="Write the full StructureMap as JSON to this file ('-' for stdout).")
+@click.option("--tile", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="FFN channel block size (tile) for block units.")
+@click.option("--channels", is_flag=True, help="List every FFN channel as its own unit in --json.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a fully pickled model.pt (runs code from the file).")
+@friendly_errors
+def inspect(model, json_out, tile, channels, trust_pickle):
+    """Print MODEL's prunable structure (heads, kv groups, FFN blocks, layers) and byte totals.
+
+    MODEL is a named model (smollm2-135m), a Hugging Face directory, a .gguf file, or a
+    model.pt / .pt2 file.
+    """
+    from .frontend import analyze, load_model
+
+    with err_console.status(f"loading and tracing {model} ..."):
+        loaded = load_model(model, trust_pickle=trust_pickle)
+        smap = analyze(loaded, tile=tile)
+    if json_out:
+        text = json.dumps(smap.to_json(tile, channels=channels), indent=2, sort_keys=True)
+        if json_out == "-":
+            click.echo(text)
+            return
+        Path(json_out).write_text(text + "\n")
+    print_structure(smap, tile, Console(width=None if sys.stdout.isatty() else 150))
+    if json_out:
+        err_console.print(f"wrote {json_out}")
+
+
+def print_structure(smap, tile: int, console: Console) -> None:
+    table = Table(title=f"{smap.model_id} — {smap.architecture}, {smap.n_layers} layers, "
+                        f"{smap.dtype}, FFN tile {tile}")
+    for col in ("layer", "module", "heads", "kv groups", "head dim", "attn MB", "FFN",
+                "width", f"blocks/{tile}", "FFN MB", "layer MB"):
+        table.add_column(col, justify="right" if col not in ("module", "FFN") else "left")
+    mb = lambda b: f"{b / 1e6:.3f}"  # noqa: E731
+    for r in smap.summary_rows(tile):
+        table.add_row(str(r["layer"]), r["module"], str(r["heads"]), str(r["kv_groups"]),
+                      str(r["head_dim"]), mb(r["attn_bytes"]), r["ffn_kind"], str(r["ffn_width"]),
+                      str(r["ffn_blocks"]), mb(r["ffn_bytes"]), mb(r["layer_bytes"]))
+    console.print(table)
+    prunable, unprunable = smap.prunable_bytes(), smap.unprunable_bytes()
+    console.print(f"model bytes {smap.total_bytes:,} = prunable (heads + kv groups + FFN channels) "
+                  f"{prunable:,} + unprunable {unprunable:,} "
+                  f"({prunable / smap.total_bytes:.1%} prunable)")
+    for note in smap.unidentified:
+        console.print(f"[yellow]left dense:[/yellow] {note}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
