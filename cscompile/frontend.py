@@ -188,12 +188,16 @@ def _model_from_config(path, config: dict, state_dict, dtype) -> nn.Module:
 
 
 class _ExportedModule(nn.Module):
-    """An ExportedProgram as an nn.Module (fixed input shapes, as it was exported)."""
+    """An ExportedProgram as an nn.Module (fixed input shapes, as it was exported). Unflattened,
+    so its submodules keep their original paths and masking hooks attach to them."""
 
     def __init__(self, ep):
         super().__init__()
         self.ep = ep
-        self.inner = ep.module()
+        self.inner = torch.export.unflatten(ep)
+
+    def train(self, mode: bool = True):  # an exported graph has no train/eval switch
+        return self
 
     def forward(self, input_ids):
         return self.inner(input_ids)
@@ -261,13 +265,13 @@ def analyze(loaded: LoadedModel, tile: int = 64, seq_len: int = 8) -> StructureM
     smap = discover(loaded.model if not isinstance(loaded.model, _ExportedModule)
                     else loaded.model.inner, ep, args, kwargs, loaded.model_id,
                     loaded.storage_dtype, tile)
-    _record_layer_outputs(loaded, smap)
+    _record_layer_outputs(loaded, smap, args[0] if args else kwargs["input_ids"])
     return smap
 
 
-def _record_layer_outputs(loaded: LoadedModel, smap: StructureMap) -> None:
+def _record_layer_outputs(loaded: LoadedModel, smap: StructureMap, example_ids) -> None:
     """Whether each residual block returns a tuple (needed to skip it physically)."""
-    model = loaded.model
+    model = loaded.model.inner if isinstance(loaded.model, _ExportedModule) else loaded.model
     seen = {}
     handles = []
     for layer in smap.layers:
@@ -279,7 +283,7 @@ def _record_layer_outputs(loaded: LoadedModel, smap: StructureMap) -> None:
             lambda m, a, out, key=layer.module: seen.__setitem__(key, isinstance(out, tuple))))
     try:
         with torch.no_grad():
-            logits_of(model, torch.zeros(1, 2, dtype=torch.long))
+            logits_of(model, example_ids)
     finally:
         for h in handles:
             h.remove()
