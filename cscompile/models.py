@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from .errors import UnsupportedModelError, UserInputError
 
 CACHE_ENV = "CSCOMPILE_CACHE"  # overrides the cache root (models land in <root>/models/<name>)
 SOURCE_RECORD = "cscompile-source.json"  # written into each converted directory: where it came from
+TQDM_BAR = re.compile(r"\d+%\|")  # a tqdm progress bar line, e.g. " 45%|████      | 122/272"
 STALE_TEMP_SECONDS = 3600  # a conversion temp dir older than this was left by a killed process
 
 
@@ -126,16 +130,22 @@ def _cached_conversion(key: str, gguf_path: Path) -> Path:
 
 @contextmanager
 def _quiet_progress_bars():
-    """transformers prints a tqdm bar per GGUF tensor; our one status line says enough."""
+    """transformers prints a tqdm bar per GGUF tensor (some with tqdm directly, which no setting
+    turns off); our one status line says enough. Other stderr output is passed on afterwards."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    captured = io.StringIO()
     try:
-        yield
+        with redirect_stderr(captured):
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+        for line in re.split(r"[\r\n]+", captured.getvalue()):
+            if line.strip() and not TQDM_BAR.search(line):
+                print(line, file=sys.stderr)
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
@@ -184,14 +194,18 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise UserInputError(f"GGUF file not found: {gguf_path}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_dir)
-
-    console = Console(stderr=True)
-    started = time.perf_counter()
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        status = "converting GGUF to a cached bf16 Hugging Face directory (once, ~15 s)"
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out_dir)
+        temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise UserInputError(f"cannot write the model cache in {out_dir.parent} ({exc.strerror}); "
+                             f"set {CACHE_ENV} to a writable directory") from exc
+
+    console = Console(file=sys.stderr)  # bound now: stderr is redirected while loading
+    started = time.perf_counter()
+    try:
+        status = "converting GGUF to a cached bf16 Hugging Face directory (once, ~20 s)"
         with console.status(status), _quiet_progress_bars():
             try:
                 model, tokenizer = _load_dense_from_gguf(gguf_path, dtype)
@@ -213,12 +227,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         (temp_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         try:
             os.rename(temp_dir, out_dir)
-        except OSError:
+        except OSError as exc:
             if not (out_dir / "config.json").is_file():
-                raise
+                raise UserInputError(f"cannot write the model cache {out_dir} ({exc.strerror}); "
+                                     f"remove it or set {CACHE_ENV} to another directory") from exc
             shutil.rmtree(temp_dir, ignore_errors=True)  # a concurrent conversion won the race
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
-    console.print(f"[dim]cached {gguf_path.name} as {out_dir} ({time.perf_counter() - started:.0f} s)[/dim]")
+    console.print(f"[dim]cached {gguf_path.name} as {out_dir} ({time.perf_counter() - started:.0f} s)[/dim]",
+                  soft_wrap=True)
     return out_dir

@@ -186,3 +186,37 @@ def _prior_scale(A, y, prior) -> float:
     pred_c, y_c = pred - pred.mean(), y - y.mean()
     denom = float(pred_c @ pred_c)
     return max(0.0, float(pred_c @ y_c) / denom) if denom > 0 else 0.0
+
+
+def estimate_cs(model, smap: StructureMap, prompts_ids: list[torch.Tensor], density: float,
+                unit_kind: str = "head", method: str = "lasso", prior: np.ndarray | None = None,
+                C: float = 3.0, budget: int | None = None, rate: float = 0.1,
+                design: str = "bernoulli", response: str = "kl", tile: int = 64, seed: int = 0,
+                k: int | None = None) -> tuple[np.ndarray, dict]:
+    """Compressed-sensing importance of every unit of `unit_kind`, averaged over prompts.
+
+    Per prompt: m random masks (m = C·k·log(N/k), capped by `budget`), batched masked
+    forwards, sparse recovery of the units whose removal costs most (k of them: by default the
+    units a support at `density` drops, at least 1). Returns (importance [N], diagnostics)."""
+    if not prompts_ids:
+        raise UserInputError("estimate_cs needs at least one prompt")
+    if not 0 < density <= 1:
+        raise UserInputError(f"density must be in (0, 1], got {density}")
+    units = unit_space(smap, unit_kind, tile)
+    n = len(units)
+    k = k if k is not None else max(1, min(n - 1, int(round((1 - density) * n)) or 1))
+    total = np.zeros(n)
+    diags, forwards, seconds = [], 0, 0.0
+    for i, ids in enumerate(prompts_ids):
+        meas = measure(model, smap, ids, unit_kind, k=k, C=C, budget=budget, design=design,
+                       rate=rate, seed=seed + i, response=response, tile=tile)
+        rec = recover_importance(meas, k=k, method=method, prior=prior, seed=seed)
+        imp = rec.importance
+        total += imp / (np.abs(imp).sum() or 1.0)  # each prompt weighs the same
+        forwards += meas.n_forwards
+        seconds += meas.seconds
+        diags.append({"m": len(meas.responses), "m_needed": meas.m_needed, **{
+            key: rec.diagnostics.get(key) for key in ("coherence", "relative_residual", "cv_r2",
+                                                     "heldout_r2", "warnings")}})
+    return total / len(prompts_ids), {"units": units, "k": k, "n_units": n, "forwards": forwards,
+                                      "seconds": seconds, "per_prompt": diags}

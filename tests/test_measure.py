@@ -105,3 +105,17 @@ def test_bad_input(stories):
         measure(loaded.model, smap, _ids(), response="mse")
     with pytest.raises(UserInputError):
         measure(loaded.model, smap, _ids(), "head", k=100)  # k > N
+
+
+def test_estimate_cs_averages_prompts(stories):
+    from cscompile.passes.measure import estimate_cs
+
+    loaded, smap = stories
+    prompts = [_ids(24, seed=s) for s in range(2)]
+    imp, info = estimate_cs(loaded.model, smap, prompts, density=0.75, unit_kind="head", budget=40)
+    assert imp.shape == (40,) and info["k"] == 10 and info["forwards"] == 2 * 41
+    assert all(d["m"] == 40 for d in info["per_prompt"])
+    with pytest.raises(UserInputError):
+        estimate_cs(loaded.model, smap, [], density=0.5)
+    with pytest.raises(UserInputError):
+        estimate_cs(loaded.model, smap, prompts, density=1.5)

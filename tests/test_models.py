@@ -170,6 +170,25 @@ def test_concurrent_conversion_keeps_the_winner(cache, fake_gguf, monkeypatch):
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["smollm2-135m"]
 
 
+def test_foreign_files_in_the_cache_dir_give_a_clear_error(cache, fake_gguf, loader_calls):
+    out_dir = cache / "models" / "smollm2-135m"
+    out_dir.mkdir(parents=True)
+    (out_dir / "notes.txt").write_text("not a model")  # no config.json: not ours, not complete
+    with pytest.raises(UserInputError, match="cannot write the model cache .*CSCOMPILE_CACHE"):
+        resolve_model("smollm2-135m")
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["smollm2-135m"]  # temp removed
+    assert [p.name for p in out_dir.iterdir()] == ["notes.txt"]  # the user's files untouched
+
+
+def test_unwritable_cache_root_gives_a_clear_error(tmp_path, fake_gguf, loader_calls, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(models.CACHE_ENV, str(blocker / "cache"))  # a file where a dir must go
+    with pytest.raises(UserInputError, match="cannot write the model cache in .*CSCOMPILE_CACHE"):
+        resolve_model("smollm2-135m")
+    assert loader_calls == []
+
+
 def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, fake_gguf, loader_calls):
     models_dir = cache / "models"
     stale, recent = models_dir / ".smollm2-135m.tmp-dead", models_dir / ".smollm2-135m.tmp-busy"
@@ -180,6 +199,19 @@ def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, fake_gguf, loa
     resolve_model("smollm2-135m")
     assert not stale.exists()
     assert recent.exists()  # may belong to a conversion still running elsewhere
+
+
+def test_conversion_hides_progress_bars_but_passes_on_warnings(cache, fake_gguf, monkeypatch, capsys):
+    def noisy_load(gguf_path, dtype):
+        sys.stderr.write("Converting tensors:  45%|####      | 122/272 [00:01<00:01]\r")
+        sys.stderr.write("UserWarning: rope scaling ignored\n")
+        return FakeModel(), FakeTokenizer()
+
+    monkeypatch.setattr(models, "_load_dense_from_gguf", noisy_load)
+    out = resolve_model("smollm2-135m")
+    err = capsys.readouterr().err
+    assert "rope scaling ignored" in err and "122/272" not in err
+    assert f"cached {SMOLLM2.gguf_file} as {out}" in " ".join(err.split())
 
 
 def test_convert_gguf_rejects_a_missing_file(tmp_path):
