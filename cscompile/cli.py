@@ -64,10 +64,14 @@ def inspect(model, json_out, tile, channels, trust_pickle):
     """Print MODEL's prunable structure (heads, kv groups, FFN blocks, layers) and byte totals.
 
     MODEL is a named model (smollm2-135m), a Hugging Face directory, a .gguf file, or a
-    model.pt / .pt2 file.
+    model.pt / .pt2 file. Given a bundle directory, verifies its hashes and prints a summary.
     """
     from .frontend import analyze, load_model
 
+    if (Path(model) / "manifest.json").exists() or (Path(model).is_dir() and not (Path(model) / "config.json").exists()
+                                                    and any(Path(model).glob("*.safetensors"))):
+        print_bundle_summary(model, Console(width=None if sys.stdout.isatty() else 150))
+        return
     with err_console.status(f"loading and tracing {model} ..."):
         loaded = load_model(model, trust_pickle=trust_pickle)
         smap = analyze(loaded, tile=tile)
@@ -80,6 +84,76 @@ def inspect(model, json_out, tile, channels, trust_pickle):
     print_structure(smap, tile, Console(width=None if sys.stdout.isatty() else 150))
     if json_out:
         err_console.print(f"wrote {json_out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--calib", required=True, type=click.Path(dir_okay=False),
+              help="JSON Lines calibration prompts: one {\"prompt\": ..., \"task\": ...} per line.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Bundle directory to write (refused if it exists, unless --force).")
+@click.option("--density", default=0.5, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of prunable bytes each class keeps.")
+@click.option("--classes", type=click.IntRange(1), default=None,
+              help="Number of task classes (default: chosen by silhouette).")
+@click.option("--max-classes", default=6, show_default=True, type=click.IntRange(2),
+              help="Largest number of classes considered when --classes is not given.")
+@click.option("--layout", type=click.Choice(["gather", "compact"]), default="gather",
+              show_default=True, help="gather: index tables over the dense weights; compact: "
+                                      "also per-class sliced weights.")
+@click.option("--tile", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="FFN channels are kept in multiples of this tile.")
+@click.option("--heads-keep", type=click.IntRange(1), default=None,
+              help="Keep exactly this many query heads per layer (default: heads compete for "
+                   "the byte budget with FFN channels).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a fully pickled model.pt (runs code from the file).")
+@click.option("--json", "json_out", is_flag=True, help="Print the build report as JSON on stdout.")
+@friendly_errors
+def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep, seed,
+          force, trust_pickle, json_out):
+    """Compile MODEL + calibration prompts into a bundle of task classes and a router."""
+    from .build import run_build
+
+    report = run_build(model, calib, out, density=density, classes=classes,
+                       max_classes=max_classes, layout=layout, heads_keep=heads_keep,
+                       tile=tile, seed=seed, force=force, trust_pickle=trust_pickle,
+                       progress=True)
+    if json_out:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    print_bundle_summary(out, Console(width=None if sys.stdout.isatty() else 150))
+    err_console.print(f"built in {report['timing']['build_s']:.1f} s")
+
+
+def print_bundle_summary(path, console: Console) -> None:
+    """Verify a bundle's hashes and print its classes, densities and sizes."""
+    from .bundle import load_bundle
+
+    bundle = load_bundle(path)  # raises BundleError on tampering or version mismatch
+    man, rep = bundle.manifest, bundle.report
+    sizes = {name: info["bytes"] for name, info in man["files"].items()}
+    console.print(f"bundle {path}: model {man['source'].get('model_id')} "
+                  f"(weights sha256 {str(man['source'].get('weight_hash'))[:12]}...), "
+                  f"format {man['format_version']}, cscompile {man['cscompile_version']}, "
+                  f"{sum(sizes.values()) / 1e6:.1f} MB in {len(sizes)} files — hashes verified")
+    table = Table(title="task classes")
+    for col in ("class", "members", "density (prunable)", "of all bytes", "kept MB"):
+        table.add_column(col, justify="right")
+    for c in man["classes"]:
+        table.add_row(str(c.get("id")), str(c.get("members", c.get("n_members", ""))),
+                      f"{c.get('density', 0):.3f}", f"{c.get('fraction_of_all_bytes', 0):.3f}",
+                      f"{c.get('bytes_kept', 0) / 1e6:.2f}")
+    console.print(table)
+    align = (rep.get("cluster") or {}).get("alignment_with_tasks")
+    if align:
+        console.print(f"class/task alignment: {json.dumps(align, sort_keys=True)[:300]}")
+    router = rep.get("router")
+    if router:
+        console.print(f"router: {json.dumps(router, sort_keys=True)[:300]}")
 
 
 def print_structure(smap, tile: int, console: Console) -> None:

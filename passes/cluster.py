@@ -93,4 +93,5 @@ def alignment(labels, tasks) -> dict | None:
         by_class.setdefault(lab, Counter())[t] += 1
     purity = sum(c.most_common(1)[0][1] for c in by_class.values()) / len(pairs)
     return {"ari": float(adjusted_rand_score(ts, labs)), "purity": float(purity),
-            "tasks_per_class": {str(k): dict(sorted(v.items())) for k, v in sorted(by_class.items())}}
+            "tasks_per_class": {str(k): dict(sorted(v.items()))
+                                for k, v in sorted(by_class.items())}}

@@ -5,9 +5,10 @@ A unit's importance on a prompt is the energy it writes into the residual stream
   * query head h:   sum over its o-projection input columns c of E_t[x_c^2] * ||W_o[:, c]||^2
 Both are read by forward pre-hooks on the down and o projections (the same places where
 `cscompile.execute.masked` removes those units), so one dense pass per prompt suffices.
-Energies are normalised per layer and kind (a layer's head scores sum to 1, its channel
-scores sum to 1), which makes layers comparable and gives the per-channel vectors class
-supports are cut from.
+Energies are normalised per layer (a layer's head and channel scores together sum to 1),
+which makes layers comparable while heads and channels of a layer stay in one currency
+(energy written to the residual stream), and gives the per-channel vectors class supports
+are cut from.
 
 The signature matrix is [P, N] with units laid out layer by layer: that layer's heads, then
 its FFN channels (see `unit_layout`).
@@ -92,19 +93,19 @@ def prompt_signatures(model: torch.nn.Module, smap: StructureMap,
         for p, ids in enumerate(prompts):  # one at a time: no padding to get wrong
             store.clear()
             logits_of(model, ids.view(1, -1))
-            for li, sl in layout.heads.items():
-                cols = store[("o", li)]
-                energy = torch.stack([cols[c].sum() for c in smap.layers[li].attention.o_cols])
-                sig[p, sl] = _normalise(energy)
-            for li, sl in layout.channels.items():
-                sig[p, sl] = _normalise(store[("down", li)])
+            for li in range(smap.n_layers):  # a layer's head + channel energies sum to 1
+                parts = []
+                if li in layout.heads:
+                    cols = store[("o", li)]
+                    parts.append((layout.heads[li], torch.stack(
+                        [cols[c].sum() for c in smap.layers[li].attention.o_cols])))
+                if li in layout.channels:
+                    parts.append((layout.channels[li], store[("down", li)]))
+                if parts:
+                    total = float(sum(e.sum() for _, e in parts)) or 1.0
+                    for sl, e in parts:
+                        sig[p, sl] = e.double().numpy() / total
     finally:
         for h in handles:
             h.remove()
     return sig
-
-
-def _normalise(energy: torch.Tensor) -> np.ndarray:
-    e = energy.double().numpy()
-    total = e.sum()
-    return e / total if total > 0 else np.full_like(e, 1.0 / len(e))

@@ -1,0 +1,271 @@
+"""`cscompile build`: calibration prompts -> task classes, class supports, a router -> a bundle.
+
+Phases: read prompts -> load + analyze the model -> signatures of the build prompts (80%) ->
+cluster into classes -> one hardware-constrained support per class -> permute FFN channels so
+co-activated channels sit together (exact) -> fit the router, score it on the held-out 20% ->
+write the bundle atomically.
+
+Determinism: the same model, prompts, arguments and seed give a byte-identical bundle. So
+nothing time- or machine-dependent goes into the bundle: build time, peak memory and the
+router's timing cost are returned (and printed by the CLI with --json) under the "timing"
+key of the report dict, but report.json inside the bundle holds only the deterministic
+diagnostics (cluster scores, alignment with tasks, router accuracy, class densities).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from .bundle import to_jsonable, write_bundle
+from .calib import dedupe_prompts, prompt_hash, read_prompts
+from .errors import UserInputError
+from .execute import Support, reduce_model
+from .frontend import analyze, load_model, weight_hash
+
+MIN_PROMPTS = 4
+HOLDOUT_FRACTION = 0.2
+LAYOUTS = ("gather", "compact")
+
+
+class _Phases:
+    """Rich progress on stderr (one status line per phase) and per-phase wall times."""
+
+    def __init__(self, progress: bool):
+        self.console = Console(stderr=True, quiet=not progress)
+        self.times: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        with self.console.status(f"{name} ..."):
+            yield
+        self.times[name] = round(time.perf_counter() - t0, 4)
+        self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
+
+    def warn(self, msg: str):
+        self.warnings.append(msg)
+        self.console.print(f"[yellow]warning:[/yellow] {msg}")
+
+
+def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
+              heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
+              progress=True) -> dict:
+    """Build a bundle in `out`; return the build report (report.json + a "timing" section)."""
+    from .passes.cluster import alignment, cluster
+    from .passes.constrain import (apply_permutation, channel_permutation, channel_profiles,
+                                   class_support, core_scores, permute_support)
+    from .passes.route import (default_layer, fit_router_features, router_accuracy,
+                               router_cost, router_features)
+    from .passes.signature import prompt_signatures
+
+    t_start = time.perf_counter()
+    _check_args(density, classes, max_classes, layout, heads_keep, tile)
+    out = Path(out)
+    if out.exists() and not force:  # refuse before any expensive work
+        raise UserInputError(f"output directory {out} exists; pass --force to replace it")
+    ph = _Phases(progress)
+
+    with ph.phase("reading prompts"):
+        rows = read_prompts(calib)
+        rows, dropped = dedupe_prompts(rows)
+        if dropped:
+            ph.warn(f"{calib}: dropped {dropped} duplicate prompt(s)")
+        if len(rows) < MIN_PROMPTS:
+            raise UserInputError(f"{calib}: need at least {MIN_PROMPTS} distinct prompts, "
+                                 f"got {len(rows)}")
+    with ph.phase("loading and analysing the model"):
+        loaded = load_model(model, trust_pickle=trust_pickle)
+        smap = analyze(loaded, tile=tile)
+        source_hash = weight_hash(loaded.model)
+        ids = _tokenize(loaded, rows, ph)
+
+    build_idx, held_idx = _split(len(rows), seed)
+    build_ids = [ids[i] for i in build_idx]
+    held_ids = [ids[i] for i in held_idx]
+    with ph.phase(f"signatures of {len(build_ids)} build prompts"):
+        sig = prompt_signatures(loaded.model, smap, build_ids)
+        held_sig = prompt_signatures(loaded.model, smap, held_ids)
+    with ph.phase("clustering into classes"):
+        if classes is not None and classes > len(build_ids):
+            raise UserInputError(f"--classes {classes} exceeds the {len(build_ids)} build prompts")
+        clus = cluster(sig, n_classes=classes, max_classes=max_classes, seed=seed)
+        tasks = [rows[i].task for i in build_idx]
+        held_labels = clus.predict(held_sig)
+    with ph.phase(f"class supports at density {density}"):
+        core = core_scores(sig, clus.labels)
+        supports = [class_support(smap, sig[clus.labels == c], density, core_importance=core,
+                                  heads_keep=heads_keep, tile=tile) for c in range(clus.k)]
+    with ph.phase("permuting FFN channels"):
+        perms = channel_permutation(channel_profiles(sig, smap), tile=tile, seed=seed)
+        apply_permutation(loaded.model, smap, perms)
+        supports = [permute_support(s, perms) for s in supports]
+    with ph.phase("fitting the router"):
+        layer = default_layer(smap)
+        pooled = router_features(loaded.model, smap, build_ids, layer)
+        router = fit_router_features(pooled, clus.labels, layer, seed=seed)
+        held_acc = router_accuracy(loaded.model, smap, router, held_ids, held_labels)
+        train_acc = float((router.classify(pooled).numpy() == clus.labels).mean())
+        cost = router_cost(loaded.model, smap, router, build_ids[:8], repeats=2)
+
+    classes_json = []
+    for c, sup in enumerate(supports):
+        kept = sup.kept_bytes(smap)
+        classes_json.append({
+            "id": c, "support": sup.to_json(), "density": kept / smap.prunable_bytes(),
+            "bytes_kept": kept,
+            "fraction_of_all_bytes": (kept + smap.unprunable_bytes()) / smap.total_bytes,
+            "members": int((clus.labels == c).sum())})
+    args = {"density": density, "classes": classes, "max_classes": max_classes, "layout": layout,
+            "heads_keep": heads_keep, "tile": tile, "seed": seed}
+    manifest = {
+        "kind": "cscompile-bundle",
+        "source": {"model_id": loaded.model_id, "path": str(loaded.source),
+                   "weight_hash": source_hash},
+        "structure": smap.to_json(tile),
+        "classes": classes_json,
+        "router": {"file": "router.safetensors", "kind": "nearest-centroid",
+                   "feature": "mean-pooled hidden state after layer, Gaussian projection",
+                   "layer": router.layer, "dim": int(router.projection.shape[1]),
+                   "n_classes": clus.k},
+        "channel_permutation": {"applied": True, "tensors": "classes.safetensors:perm.layer{l}",
+                                "meaning": "weights.safetensors FFN channel i = source channel "
+                                           "perm[i]; class channel indices are post-permutation"},
+        "refinement": {"enabled": False},
+        "build_args": args,
+        "calibration": {"file_sha256": _file_sha256(calib), "n_prompts": len(rows),
+                        "n_build": len(build_idx), "n_held_out": len(held_idx),
+                        "build_prompt_hashes": sorted(prompt_hash(rows[i].prompt)
+                                                      for i in build_idx),
+                        "held_out_prompt_hashes": sorted(prompt_hash(rows[i].prompt)
+                                                         for i in held_idx)},
+        "layout": layout,
+        "versions": _versions(),
+    }
+    weights, tied = _dedup_tied(loaded.model.state_dict())
+    manifest["tied_weights"] = tied
+    tensors = {"weights.safetensors": weights,
+               "router.safetensors": router.to_arrays(),
+               "classes.safetensors": _class_tables(supports, perms)}
+    if layout == "compact":
+        for c, sup in enumerate(supports):
+            tensors[f"classes/c{c}.safetensors"] = _dedup_tied(
+                reduce_model(loaded.model, smap, sup).state_dict())[0]
+    report = {
+        "model_id": loaded.model_id,
+        "n_classes": clus.k,
+        "cluster": {"silhouette": {str(k): v for k, v in clus.silhouette.items()},
+                    "chosen_k": clus.k,
+                    "sizes": np.bincount(clus.labels, minlength=clus.k).tolist(),
+                    "alignment_with_tasks": alignment(clus.labels, tasks),
+                    "held_out_alignment_with_tasks": alignment(
+                        held_labels, [rows[i].task for i in held_idx])},
+        "router": {"layer": router.layer, "held_out_accuracy": held_acc,
+                   "build_accuracy": train_acc, "n_held_out": len(held_idx)},
+        "classes": [{k: v for k, v in c.items() if k != "support"} |
+                    {"heads_per_layer": {str(l): len(h) for l, h in sorted(s.heads.items())},
+                     "channels_per_layer": {str(l): len(h) for l, h in sorted(s.channels.items())}}
+                    for c, s in zip(classes_json, supports)],
+        "requested_density": density,
+        "prunable_bytes": smap.prunable_bytes(), "total_bytes": smap.total_bytes,
+        "warnings": ph.warnings,
+    }
+    with ph.phase(f"writing bundle {out}"):
+        write_bundle(out, manifest, tensors, report, force=force)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    timing = {"phases_s": ph.times, "build_s": round(time.perf_counter() - t_start, 3),
+              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "router_cost": cost}
+    return to_jsonable({**report, "bundle": str(out), "timing": timing})
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_args(density, classes, max_classes, layout, heads_keep, tile):
+    if not 0 < density <= 1:
+        raise UserInputError(f"--density must be in (0, 1], got {density}")
+    if classes is not None and classes < 1:
+        raise UserInputError(f"--classes must be >= 1, got {classes}")
+    if max_classes < 2:
+        raise UserInputError(f"--max-classes must be >= 2, got {max_classes}")
+    if layout not in LAYOUTS:
+        raise UserInputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if heads_keep is not None and heads_keep < 1:
+        raise UserInputError(f"heads_keep must be >= 1, got {heads_keep}")
+    if tile < 1:
+        raise UserInputError(f"--tile must be >= 1, got {tile}")
+
+
+def _tokenize(loaded, rows, ph: _Phases) -> list[torch.Tensor]:
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UserInputError(f"model {loaded.model_id} has no tokenizer; build needs one to "
+                             f"read text prompts")
+    limit = loaded.context_length
+    out = []
+    for row in rows:
+        ids = list(tok(row.prompt)["input_ids"])
+        if not ids:
+            raise UserInputError(f"line {row.line}: prompt tokenizes to nothing")
+        if limit and len(ids) > limit:
+            ph.warn(f"line {row.line}: prompt has {len(ids)} tokens, truncated to the model "
+                    f"context of {limit}")
+            ids = ids[:limit]
+        out.append(torch.tensor(ids, dtype=torch.long).view(1, -1))
+    return out
+
+
+def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded 80/20 split of prompt indices (each part in file order)."""
+    n_held = max(1, int(round(HOLDOUT_FRACTION * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_held:].tolist()), sorted(order[:n_held].tolist())
+
+
+def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store each shared tensor once (first name in sorted order); return {alias: stored name}."""
+    kept, tied, seen = {}, {}, {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.detach().contiguous().clone()
+    return kept, tied
+
+
+def _class_tables(supports: list[Support], perms: dict) -> dict[str, torch.Tensor]:
+    """Per class, int32 index tables of kept channels and kept heads per layer."""
+    out = {}
+    for c, sup in enumerate(supports):
+        for li, chans in sup.channels.items():
+            out[f"class{c}.layer{li}.channels"] = torch.tensor(chans, dtype=torch.int32)
+        for li, heads in sup.heads.items():
+            out[f"class{c}.layer{li}.heads"] = torch.tensor(heads, dtype=torch.int32)
+    for li, perm in perms.items():
+        out[f"perm.layer{li}"] = torch.tensor(np.asarray(perm), dtype=torch.int32)
+    return out
+
+
+def _file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _versions() -> dict:
+    import numpy
+    import sklearn
+    import transformers
+
+    from . import __version__
+
+    return {"cscompile": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__}
