@@ -15,7 +15,9 @@ diagnostics (cluster scores, alignment with tasks, router accuracy, class densit
 from __future__ import annotations
 
 import hashlib
+import json
 import resource
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,7 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
               progress=True) -> dict:
     """Build a bundle in `out`; return the build report (report.json + a "timing" section)."""
     from .passes.cluster import alignment, cluster
+    from .passes.lower import lower
     from .passes.constrain import (apply_permutation, channel_permutation, channel_profiles,
                                    class_support, core_scores, permute_support)
     from .passes.route import (default_layer, fit_router_features, router_accuracy,
@@ -150,6 +153,14 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         "layout": layout,
         "versions": _versions(),
     }
+    with ph.phase("lowering class supports to Triton kernels"):
+        kernel_files, kernel_entries = lower(
+            smap, supports, layout, "bfloat16" if smap.dtype == "bfloat16" else "float16", tile)
+        for entry, cls in zip(kernel_entries, classes_json):
+            cls["kernel"] = entry
+    manifest["model_config"] = json.loads(loaded.model.config.to_json_string())
+    tokenizer_files = _tokenizer_texts(loaded.tokenizer)
+    manifest["tokenizer_files"] = sorted(tokenizer_files)
     weights, tied = _dedup_tied(loaded.model.state_dict())
     manifest["tied_weights"] = tied
     tensors = {"weights.safetensors": weights,
@@ -179,7 +190,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         "warnings": ph.warnings,
     }
     with ph.phase(f"writing bundle {out}"):
-        write_bundle(out, manifest, tensors, report, force=force)
+        write_bundle(out, manifest, tensors, report, texts={**kernel_files, **tokenizer_files},
+                     force=force)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"phases_s": ph.times, "build_s": round(time.perf_counter() - t_start, 3),
               "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "router_cost": cost}
@@ -187,6 +199,21 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
 
 
 # ----------------------------------------------------------------------------- helpers
+def _tokenizer_texts(tokenizer) -> dict[str, str]:
+    """The tokenizer's text files (tokenizer.json, configs, chat template) for the bundle, so
+    the runtime needs nothing but the bundle. Binary files (sentencepiece .model) are skipped:
+    tokenizer.json carries the same vocabulary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        texts = {}
+        for f in sorted(Path(tmp).iterdir()):
+            try:
+                texts[f"tokenizer/{f.name}"] = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+    return texts
+
+
 def _check_args(density, classes, max_classes, layout, heads_keep, tile):
     if not 0 < density <= 1:
         raise UserInputError(f"--density must be in (0, 1], got {density}")

@@ -60,3 +60,18 @@ def test_tampered_bundle_refused(built, tmp_path):
     r = _cli("inspect", str(copy), cwd=tmp_path)
     assert r.returncode == 2 and "sha256" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bundle_is_self_contained_with_verified_kernels(built):
+    from cscompile.bundle import load_bundle
+    from cscompile.codegen.generate import load_class_module
+
+    _, out, _ = built
+    bundle = load_bundle(out)
+    man = bundle.manifest
+    assert man["model_config"]["model_type"] == "llama"
+    assert "tokenizer/tokenizer.json" in man["tokenizer_files"]
+    for cls in man["classes"]:
+        entry = cls["kernel"]
+        module = load_class_module(bundle.text(entry["file"]), entry["sha256"], entry["spec"])
+        assert hasattr(module, "ffn_decode_layer")
