@@ -59,8 +59,10 @@ def main():
 @click.option("--channels", is_flag=True, help="List every FFN channel as its own unit in --json.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a fully pickled model.pt (runs code from the file).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="For a bundle: write a per-layer support heat map (PNG) to this file.")
 @friendly_errors
-def inspect(model, json_out, tile, channels, trust_pickle):
+def inspect(model, json_out, tile, channels, trust_pickle, plot):
     """Print MODEL's prunable structure (heads, kv groups, FFN blocks, layers) and byte totals.
 
     MODEL is a named model (smollm2-135m), a Hugging Face directory, a .gguf file, or a
@@ -71,6 +73,11 @@ def inspect(model, json_out, tile, channels, trust_pickle):
     if (Path(model) / "manifest.json").exists() or (Path(model).is_dir() and not (Path(model) / "config.json").exists()
                                                     and any(Path(model).glob("*.safetensors"))):
         print_bundle_summary(model, Console(width=None if sys.stdout.isatty() else 150))
+        if plot:
+            from .plots import support_heatmap
+
+            support_heatmap(model, plot)
+            err_console.print(f"wrote {plot}")
         return
     with err_console.status(f"loading and tracing {model} ..."):
         loaded = load_model(model, trust_pickle=trust_pickle)

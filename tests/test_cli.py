@@ -75,3 +75,11 @@ def test_bundle_is_self_contained_with_verified_kernels(built):
         entry = cls["kernel"]
         module = load_class_module(bundle.text(entry["file"]), entry["sha256"], entry["spec"])
         assert hasattr(module, "ffn_decode_layer")
+
+
+def test_inspect_bundle_plot(built, tmp_path):
+    _, out, _ = built
+    png = tmp_path / "heat.png"
+    r = _cli("inspect", str(out), "--plot", str(png), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
