@@ -183,5 +183,9 @@ def print_structure(smap, tile: int, console: Console) -> None:
         console.print(f"[yellow]left dense:[/yellow] {note}")
 
 
+from cscompile.runtime.cli_run import run  # noqa: E402  (cli_run imports friendly_errors above)
+
+main.add_command(run)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

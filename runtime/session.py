@@ -1,0 +1,196 @@
+"""A bundle (or a plain model) turned back into something that generates text.
+
+`load(path)` verifies the bundle (every sha256, the format version), rebuilds the Hugging Face
+model from the manifest's config and `weights.safetensors` (FFN channels already permuted,
+tied weights restored), and reads the StructureMap, the class supports and the router. Given
+a model instead of a bundle (a named model, an HF directory, ...), the session runs dense only.
+
+Backends: `torch` runs a static class path on a physically reduced copy of the model
+(`reduce_model`, built lazily per class and cached; execution="compact") or as masks over the
+dense weights (execution="masked", also what refinement uses), on CPU or GPU. `auto` is `torch`
+everywhere for now: the Triton kernels of `cscompile.codegen` are not wired into the decode
+loop yet, so `triton` is refused with a clear error rather than silently falling back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cscompile.errors import BundleError, UserInputError
+from cscompile.execute import Support
+from cscompile.structure import StructureMap
+
+BACKENDS = ("auto", "torch")
+
+
+@dataclass
+class ClassPath:
+    """One task class as the runtime needs it."""
+
+    id: int
+    support: Support
+    density: float  # kept fraction of the prunable bytes (from the manifest)
+
+
+@dataclass
+class Session:
+    model: torch.nn.Module
+    tokenizer: object | None
+    smap: StructureMap | None = None
+    classes: list[ClassPath] = field(default_factory=list)
+    router: object | None = None  # passes.route.Router
+    backend: str = "torch"
+    device: torch.device = torch.device("cpu")
+    source: str = ""
+    is_bundle: bool = False
+    # static class paths decode on a physically reduced copy ("compact", built lazily per
+    # class) or as masks over the dense model ("masked"); refinement always runs masked
+    execution: str = "compact"
+    _compact: dict = field(default_factory=dict, repr=False)
+
+    def compact_model(self, class_id: int):
+        """The class's reduced model (reduce_model), built once; None where it cannot be used
+        with the prefill cache (dropped layers, or a layout reduce_model refuses)."""
+        if class_id not in self._compact:
+            from cscompile.execute import reduce_model
+
+            support = self.classes[class_id].support
+            model = None
+            if support.layers is None:
+                try:
+                    model = reduce_model(self.model, self.smap, support).eval()
+                except UserInputError:
+                    model = None
+            self._compact[class_id] = model
+        return self._compact[class_id]
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = getattr(self.model, "config", None)
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                 dense: bool = False, refine=None, stream=None):
+        """Generate a continuation of `prompt`; see runtime.generate.generate."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
+                        stream=stream)
+
+
+def load(path, backend: str = "auto", device=None, execution: str = "compact") -> Session:
+    """Open a bundle directory (or, failing that, a model) as a ready-to-generate Session."""
+    if execution not in ("compact", "masked"):
+        raise UserInputError(f"execution must be compact or masked, got {execution!r}")
+    if backend not in BACKENDS:
+        raise UserInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r} "
+                             f"(the Triton kernels are not wired into the runtime yet)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        from cscompile.models import NAMED_MODELS
+
+        if str(path) not in NAMED_MODELS:
+            raise UserInputError(f"{path}: no such bundle or model (named models: "
+                                 f"{', '.join(sorted(NAMED_MODELS))})")
+    looks_like_bundle = (p / "manifest.json").exists() or (
+        p.is_dir() and not (p / "config.json").exists())
+    session = _load_bundle(p) if looks_like_bundle else _load_plain_model(path)
+    session.model.to(device).eval()
+    session.device = device
+    session.execution = execution
+    return session
+
+
+# ----------------------------------------------------------------------------- bundles
+def _load_bundle(path: Path) -> Session:
+    from cscompile.bundle import load_bundle
+    from cscompile.passes.route import Router
+
+    bundle = load_bundle(path)  # BundleError on anything missing, modified or pickle-like
+    man = bundle.manifest
+    if man.get("kind") != "cscompile-bundle":
+        raise BundleError(f"{path} is not a cscompile bundle (kind {man.get('kind')!r})")
+    try:
+        smap = StructureMap.from_json(man["structure"])
+        classes = [ClassPath(int(c["id"]), Support.from_json(c["support"]), float(c["density"]))
+                   for c in man["classes"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"bundle {path}: malformed manifest ({type(e).__name__}: {e})") from None
+    model = _model_from_bundle(bundle)
+    router = Router.from_arrays(bundle.tensors("router.safetensors"))
+    if router.n_classes != len(classes):
+        raise BundleError(f"bundle {path}: router knows {router.n_classes} classes, manifest "
+                          f"lists {len(classes)}")
+    return Session(model, _tokenizer_from_bundle(bundle), smap, classes, router,
+                   source=str(path), is_bundle=True)
+
+
+def _source_dir(bundle) -> Path:
+    """The source model directory recorded at build time (fallback for older bundles)."""
+    src = str(bundle.manifest.get("source", {}).get("path", ""))
+    p = Path(src).expanduser()
+    if not p.exists():
+        from cscompile import models
+
+        if src in models.NAMED_MODELS:
+            p = models.resolve_model(src)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise BundleError(f"bundle {bundle.path} holds no model config and its source model "
+                          f"{src!r} is not a Hugging Face directory here; rebuild the bundle "
+                          f"with a cscompile that stores the config")
+    return p
+
+
+def _model_from_bundle(bundle) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    cfg_dict = bundle.manifest.get("model_config")
+    if cfg_dict:  # self-contained bundle
+        cfg = dict(cfg_dict)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        config = AutoConfig.from_pretrained(_source_dir(bundle))
+    weights = bundle.tensors("weights.safetensors")
+    for alias, stored in (bundle.manifest.get("tied_weights") or {}).items():
+        if stored not in weights:
+            raise BundleError(f"bundle {bundle.path}: tied weight {alias} points at missing "
+                              f"{stored}")
+        weights[alias] = weights[stored]
+    dtype = next(iter(weights.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"bundle {bundle.path}: weights do not fit the model config "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    return model
+
+
+def _tokenizer_from_bundle(bundle):
+    from transformers import AutoTokenizer
+
+    if any(f.startswith("tokenizer/") for f in bundle.files):
+        return AutoTokenizer.from_pretrained(bundle.path / "tokenizer")  # verified files
+    try:
+        return AutoTokenizer.from_pretrained(_source_dir(bundle))
+    except BundleError:
+        return None  # generate() explains that text needs a tokenizer
+
+
+# ----------------------------------------------------------------------------- plain models
+def _load_plain_model(source) -> Session:
+    from cscompile.frontend import load_model
+
+    loaded = load_model(source)
+    if not loaded.is_hf:
+        raise UserInputError(f"{source}: only Hugging Face causal LMs can generate text "
+                             f"(this one loads as {type(loaded.model).__name__})")
+    return Session(loaded.model, loaded.tokenizer, source=str(source))
