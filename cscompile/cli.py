@@ -5,9 +5,7 @@ Exit codes: 0 success, 2 bad input (CsError subclasses UserInputError), 1 failur
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,32 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import CsError
+from .errors import friendly_errors
 
 err_console = Console(stderr=True)
-
-
-def friendly_errors(fn):
-    """Turn CsError into one line on stderr and its exit code; never a traceback for bad input."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CsError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except Exception as e:  # a bug of ours: one line unless debugging
-            if os.environ.get("CSCOMPILE_DEBUG"):
-                raise
-            click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                       f" (set CSCOMPILE_DEBUG=1 for a traceback)", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,7 +158,7 @@ def print_structure(smap, tile: int, console: Console) -> None:
         console.print(f"[yellow]left dense:[/yellow] {note}")
 
 
-from cscompile.runtime.cli_run import run  # noqa: E402  (cli_run imports friendly_errors above)
+from cscompile.runtime.cli_run import run  # noqa: E402
 
 main.add_command(run)
 

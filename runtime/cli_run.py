@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from cscompile.cli import friendly_errors
+from cscompile.errors import friendly_errors
 from cscompile.errors import UserInputError
 
 
