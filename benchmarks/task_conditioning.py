@@ -8,6 +8,7 @@ disjoint held-out rows of every family under each support at equal prunable byte
   routed class   the class the router picks from the prompt's prefill
   oracle class   the class the build's clustering assigns to the prompt's own signature
   global         one support from all calibration rows (same pipeline, one class)
+  ... (uniform)  the same, with all heads kept and the same FFN fraction in every layer
   wanda / magnitude / random   static baselines, all heads kept, FFN density set so the
                  prunable bytes kept equal the class supports'
 
@@ -90,7 +91,10 @@ def main(argv=None):
     ap.add_argument("--max-classes", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="results/task_conditioning.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     loaded = load_model(args.model)
@@ -113,6 +117,10 @@ def main(argv=None):
     class_sups = [class_support(smap, sig[clus.labels == c], args.density, core_importance=core)
                   for c in range(clus.k)]
     global_sup = class_support(smap, sig, args.density)
+    # same pipeline, Wanda/FLAP-style allocation: all heads, the same FFN fraction per layer
+    class_uni = [class_support(smap, sig[clus.labels == c], args.density, allocation="uniform")
+                 for c in range(clus.k)]
+    global_uni = class_support(smap, sig, args.density, allocation="uniform")
     layer = default_layer(smap)
     router = fit_router_features(router_features(model, smap, calib_ids, layer), clus.labels,
                                  layer, seed=args.seed)
@@ -128,8 +136,11 @@ def main(argv=None):
         est = estimate_support(model, smap, calib_ids[:40], ffn_density, method=method,
                                calib_prompts=calib_ids[:40], seed=args.seed)
         baselines[method] = est.support
-    methods = ["routed class", "oracle class", "global"] + list(baselines)
+    methods = ["routed class", "oracle class", "global", "routed class (uniform)",
+               "global (uniform)"] + list(baselines)
     densities = {"global": global_sup.density(smap),
+                 "routed class (uniform)": float(np.mean([s.density(smap) for s in class_uni])),
+                 "global (uniform)": global_uni.density(smap),
                  **{m: s.density(smap) for m, s in baselines.items()},
                  "routed class": target, "oracle class": target}
 
@@ -144,7 +155,8 @@ def main(argv=None):
             routed = route(model, smap, router, p_ids)
             oracle = int(clus.predict(prompt_signatures(model, smap, [p_ids]))[0])
             routed_ok.append(routed == oracle)
-            sups = [class_sups[routed], class_sups[oracle], global_sup] + list(baselines.values())
+            sups = [class_sups[routed], class_sups[oracle], global_sup, class_uni[routed],
+                    global_uni] + list(baselines.values())
             with torch.no_grad():
                 dense = logits_of(model, ids)
             logits = _masked_logits_many(model, smap, ids, sups)

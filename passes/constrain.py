@@ -37,14 +37,22 @@ def core_scores(signatures: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def class_support(smap: StructureMap, member_importances: np.ndarray, density: float,
                   core_importance: np.ndarray | None = None, heads_keep: int | None = None,
                   min_heads: int = 1, tile: int = 64, pad_to_tile: bool = True,
-                  core_share: float = 0.25) -> Support:
-    """The Support keeping ~`density` of prunable bytes, chosen from the members' importances."""
+                  core_share: float = 0.25, allocation: str = "greedy") -> Support:
+    """The Support keeping ~`density` of prunable bytes, chosen from the members' importances.
+
+    allocation="greedy" ranks heads and FFN chunks by importance per byte across all layers
+    (non-uniform budgets); "uniform" keeps `heads_keep` (default: all) heads per layer and the
+    same FFN fraction in every layer, ranked within each layer by the class's scores."""
     if not 0 < density <= 1:
         raise UserInputError(f"density must be in (0, 1], got {density}")
+    if allocation not in ("greedy", "uniform"):
+        raise UserInputError(f"allocation must be greedy or uniform, got {allocation!r}")
     layout = unit_layout(smap)
     score = np.asarray(member_importances, dtype=np.float64).reshape(-1, layout.n_units).mean(0)
     budget = density * smap.prunable_bytes()
     chunk = tile if pad_to_tile else 1
+    if allocation == "uniform":
+        return _uniform_support(smap, layout, score, budget, heads_keep, tile if pad_to_tile else 1)
 
     heads: dict[int, set[int]] = {li: set() for li in layout.heads}
     chans: dict[int, list[int]] = {li: [] for li in layout.channels}
@@ -111,6 +119,24 @@ def class_support(smap: StructureMap, member_importances: np.ndarray, density: f
             chans[li] = _to_tile_multiple(chans[li], score[layout.channels[li]], tile)
     return Support({li: sorted(int(h) for h in hs) for li, hs in heads.items()},
                    {li: sorted(int(c) for c in cs) for li, cs in chans.items()}, None)
+
+
+def _uniform_support(smap, layout, score, budget, heads_keep, tile) -> Support:
+    """Same FFN fraction in every layer (Wanda/FLAP-style), class-specific ranking within it."""
+    heads = {}
+    for li, sl in layout.heads.items():
+        n = smap.layers[li].attention.n_heads if heads_keep is None else heads_keep
+        heads[li] = sorted(np.argsort(-score[sl], kind="stable")[:n].tolist())
+    head_bytes = _bytes(smap, {li: set(h) for li, h in heads.items()}, {li: [] for li in layout.channels})
+    ffn_total = sum(smap.layers[li].ffn.width * smap.channel_bytes(li) for li in layout.channels)
+    frac = min(1.0, max(0.0, (budget - head_bytes) / ffn_total)) if ffn_total else 0.0
+    chans = {}
+    for li, sl in layout.channels.items():
+        width = smap.layers[li].ffn.width
+        n = min(width, max(tile, int(round(frac * width / tile)) * tile))
+        chans[li] = sorted(np.argsort(-score[sl], kind="stable")[:n].tolist())
+    return Support({li: [int(h) for h in hs] for li, hs in heads.items()},
+                   {li: [int(c) for c in cs] for li, cs in chans.items()}, None)
 
 
 def _to_tile_multiple(kept: list[int], scores: np.ndarray, tile: int) -> list[int]:

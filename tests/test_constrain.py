@@ -91,3 +91,22 @@ def test_permutation_groups_coactivated_channels():
     prof[1::2] *= 2  # second group has more energy: laid out first
     perm = channel_permutation({0: prof}, tile=4, seed=0)[0]
     assert sorted(perm[:4].tolist()) == [1, 3, 5, 7] and sorted(perm[4:].tolist()) == [0, 2, 4, 6]
+
+
+def test_uniform_allocation_keeps_heads_and_equal_ffn_fraction(stories):
+    from cscompile.passes.constrain import class_support
+    from cscompile.passes.signature import unit_layout
+
+    _, smap = stories
+    layout = unit_layout(smap)
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, layout.n_units))
+    sup = class_support(smap, scores, 0.5, allocation="uniform", tile=4)
+    assert all(len(h) == 8 for h in sup.heads.values())
+    counts = {len(c) for c in sup.channels.values()}
+    assert len(counts) == 1 and counts.pop() % 4 == 0
+    assert abs(sup.density(smap) - 0.5) < 0.05
+    # within a layer the class's best channels are the ones kept
+    li = 0
+    best = np.argsort(-scores.mean(0)[layout.channels[li]])[:len(sup.channels[li])]
+    assert sorted(best.tolist()) == sup.channels[li]
