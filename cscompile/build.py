@@ -164,8 +164,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     # weights are stored in the source's storage dtype (bf16 for SmolLM2), not the fp32 we
     # compute in on CPU: the bundle is no bigger than the model it came from
     store = loaded.storage_dtype or next(loaded.model.parameters()).dtype
-    weights, tied = _dedup_tied({k: v.to(store) if v.is_floating_point() else v
-                                 for k, v in loaded.model.state_dict().items()})
+    weights, tied = _dedup_tied(loaded.model.state_dict())  # dedup before the cast copies
+    weights = {k: v.to(store) if v.is_floating_point() else v for k, v in weights.items()}
     manifest["tied_weights"] = tied
     manifest["weights_dtype"] = str(store).replace("torch.", "")
     tensors = {"weights.safetensors": weights,
@@ -173,9 +173,9 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
                "classes.safetensors": _class_tables(supports, perms)}
     if layout == "compact":
         for c, sup in enumerate(supports):
-            tensors[f"classes/c{c}.safetensors"] = _dedup_tied(
-                {k: v.to(store) if v.is_floating_point() else v
-                 for k, v in reduce_model(loaded.model, smap, sup).state_dict().items()})[0]
+            sliced = _dedup_tied(reduce_model(loaded.model, smap, sup).state_dict())[0]
+            tensors[f"classes/c{c}.safetensors"] = {
+                k: v.to(store) if v.is_floating_point() else v for k, v in sliced.items()}
     report = {
         "model_id": loaded.model_id,
         "n_classes": clus.k,

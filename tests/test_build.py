@@ -121,3 +121,27 @@ def test_too_few_prompts(stories_dir, tmp_path):
     with pytest.raises(UserInputError, match="at least 4"):
         run_build(str(stories_dir), few, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_stored_in_source_dtype_with_tied_weights_once(stories_dir, calib, tmp_path,
+                                                               monkeypatch):
+    """A bf16 source (like SmolLM2) is stored as bf16, and casting must not undo the
+    de-duplication of tied embeddings."""
+    import cscompile.build as build_mod
+
+    def load_as_bf16_source(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        loaded.storage_dtype = torch.bfloat16
+        return loaded
+
+    monkeypatch.setattr(build_mod, "load_model", load_as_bf16_source)
+    out = tmp_path / "bundle"
+    run_build(str(stories_dir), calib, out, density=0.5, seed=0, progress=False)
+    b = load_bundle(out)
+    weights = b.tensors("weights.safetensors")
+    assert b.manifest["weights_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in weights.values() if t.is_floating_point())
+    assert b.manifest["tied_weights"] == {"model.embed_tokens.weight": "lm_head.weight"} or \
+        b.manifest["tied_weights"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    n_params = sum(p.numel() for p in load_model(stories_dir).model.parameters())
+    assert sum(t.numel() for t in weights.values()) == n_params  # the tied matrix once
