@@ -164,8 +164,9 @@ def _model_from_bundle(bundle) -> torch.nn.Module:
             raise BundleError(f"bundle {bundle.path}: tied weight {alias} points at missing "
                               f"{stored}")
         weights[alias] = weights[stored]
-    dtype = next(iter(weights.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # compute in fp32: bundles store the source's dtype (bf16 for SmolLM2), which CPUs run slowly
+    # and less accurately; a GPU backend casts down again where its kernels want it
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
