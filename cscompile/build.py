@@ -60,7 +60,7 @@ class _Phases:
 
 def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
               heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
-              progress=True) -> dict:
+              progress=True, allocation="greedy", kv_groups=False, skip_layers=0) -> dict:
     """Build a bundle in `out`; return the build report (report.json + a "timing" section)."""
     from .passes.cluster import alignment, cluster
     from .passes.lower import lower
@@ -103,10 +103,22 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         clus = cluster(sig, n_classes=classes, max_classes=max_classes, seed=seed)
         tasks = [rows[i].task for i in build_idx]
         held_labels = clus.predict(held_sig)
+    skipped, layer_costs = [], None
+    if skip_layers:
+        if skip_layers >= smap.n_layers:
+            raise UserInputError(f"--skip-layers {skip_layers} must be below the model's "
+                                 f"{smap.n_layers} layers")
+        with ph.phase(f"measuring the cost of skipping each of {smap.n_layers} layers"):
+            from .passes.measure import single_unit_costs
+
+            layer_costs = single_unit_costs(loaded.model, smap, build_ids[:8], "layer")
+            skipped = sorted(np.argsort(layer_costs, kind="stable")[:skip_layers].tolist())
     with ph.phase(f"class supports at density {density}"):
         core = core_scores(sig, clus.labels)
         supports = [class_support(smap, sig[clus.labels == c], density, core_importance=core,
-                                  heads_keep=heads_keep, tile=tile) for c in range(clus.k)]
+                                  heads_keep=heads_keep, tile=tile, allocation=allocation,
+                                  kv_groups=kv_groups, skip_layers=skipped)
+                    for c in range(clus.k)]
     with ph.phase("permuting FFN channels"):
         perms = channel_permutation(channel_profiles(sig, smap), tile=tile, seed=seed)
         apply_permutation(loaded.model, smap, perms)
@@ -128,7 +140,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
             "fraction_of_all_bytes": (kept + smap.unprunable_bytes()) / smap.total_bytes,
             "members": int((clus.labels == c).sum())})
     args = {"density": density, "classes": classes, "max_classes": max_classes, "layout": layout,
-            "heads_keep": heads_keep, "tile": tile, "seed": seed}
+            "heads_keep": heads_keep, "tile": tile, "seed": seed, "allocation": allocation,
+            "kv_groups": kv_groups, "skip_layers": skip_layers}
     manifest = {
         "kind": "cscompile-bundle",
         "source": {"model_id": loaded.model_id, "path": str(loaded.source),
@@ -192,6 +205,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
                      "channels_per_layer": {str(l): len(h) for l, h in sorted(s.channels.items())}}
                     for c, s in zip(classes_json, supports)],
         "requested_density": density,
+        "skipped_layers": skipped,
+        "layer_skip_kl": None if layer_costs is None else [float(c) for c in layer_costs],
         "prunable_bytes": smap.prunable_bytes(), "total_bytes": smap.total_bytes,
         "warnings": ph.warnings,
     }

@@ -89,21 +89,29 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
 @click.option("--heads-keep", type=click.IntRange(1), default=None,
               help="Keep exactly this many query heads per layer (default: heads compete for "
                    "the byte budget with FFN channels).")
+@click.option("--allocation", type=click.Choice(["greedy", "uniform"]), default="greedy",
+              show_default=True, help="greedy: heads and FFN chunks compete by importance per "
+                                      "byte across layers; uniform: same FFN fraction per layer.")
+@click.option("--kv-groups", is_flag=True, help="Keep attention heads in whole kv groups.")
+@click.option("--skip-layers", default=0, show_default=True, type=click.IntRange(0),
+              help="Drop this many whole layers: those whose removal alone costs least KL, "
+                   "measured on build prompts.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a fully pickled model.pt (runs code from the file).")
 @click.option("--json", "json_out", is_flag=True, help="Print the build report as JSON on stdout.")
 @friendly_errors
-def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep, seed,
-          force, trust_pickle, json_out):
+def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep, allocation,
+          kv_groups, skip_layers, seed, force, trust_pickle, json_out):
     """Compile MODEL + calibration prompts into a bundle of task classes and a router."""
     from .build import run_build
 
     report = run_build(model, calib, out, density=density, classes=classes,
                        max_classes=max_classes, layout=layout, heads_keep=heads_keep,
                        tile=tile, seed=seed, force=force, trust_pickle=trust_pickle,
-                       progress=True)
+                       progress=True, allocation=allocation, kv_groups=kv_groups,
+                       skip_layers=skip_layers)
     if json_out:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

@@ -37,12 +37,15 @@ def core_scores(signatures: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def class_support(smap: StructureMap, member_importances: np.ndarray, density: float,
                   core_importance: np.ndarray | None = None, heads_keep: int | None = None,
                   min_heads: int = 1, tile: int = 64, pad_to_tile: bool = True,
-                  core_share: float = 0.25, allocation: str = "greedy") -> Support:
+                  core_share: float = 0.25, allocation: str = "greedy",
+                  kv_groups: bool = False, skip_layers=()) -> Support:
     """The Support keeping ~`density` of prunable bytes, chosen from the members' importances.
 
     allocation="greedy" ranks heads and FFN chunks by importance per byte across all layers
     (non-uniform budgets); "uniform" keeps `heads_keep` (default: all) heads per layer and the
-    same FFN fraction in every layer, ranked within each layer by the class's scores."""
+    same FFN fraction in every layer, ranked within each layer by the class's scores.
+    kv_groups=True keeps heads in whole kv groups (a group's k/v rows are then never read for
+    a dropped head). `skip_layers` are removed whole; their bytes go to the remaining layers."""
     if not 0 < density <= 1:
         raise UserInputError(f"density must be in (0, 1], got {density}")
     if allocation not in ("greedy", "uniform"):
@@ -51,9 +54,42 @@ def class_support(smap: StructureMap, member_importances: np.ndarray, density: f
     score = np.asarray(member_importances, dtype=np.float64).reshape(-1, layout.n_units).mean(0)
     budget = density * smap.prunable_bytes()
     chunk = tile if pad_to_tile else 1
+    skip = sorted(set(int(li) for li in skip_layers))
+    if skip:
+        if len(skip) >= smap.n_layers or any(not 0 <= li < smap.n_layers for li in skip):
+            raise UserInputError(f"skip_layers {skip} must name some but not all of the "
+                                 f"{smap.n_layers} layers")
+        layout = _without_layers(layout, skip)
     if allocation == "uniform":
-        return _uniform_support(smap, layout, score, budget, heads_keep, tile if pad_to_tile else 1)
+        sup = _uniform_support(smap, layout, score, budget, heads_keep, tile if pad_to_tile else 1,
+                               kv_groups)
+    else:
+        sup = _greedy_support(smap, layout, score, budget, core_importance, heads_keep, min_heads,
+                              tile, pad_to_tile, chunk, core_share, kv_groups)
+    if skip:
+        sup.layers = [li for li in range(smap.n_layers) if li not in skip]
+    return sup
 
+
+def _without_layers(layout, skip):
+    from .signature import UnitLayout
+
+    return UnitLayout({li: sl for li, sl in layout.heads.items() if li not in skip},
+                      {li: sl for li, sl in layout.channels.items() if li not in skip},
+                      layout.n_units)
+
+
+def _group_items(smap, li, values):
+    """(value, bytes, members) of each kv group of layer li: all its heads and its k/v rows."""
+    a = smap.layers[li].attention
+    per = a.n_heads // a.n_kv_heads
+    cost = per * smap.head_bytes(li) + smap.kv_group_bytes(li)
+    return [(float(values[g * per:(g + 1) * per].sum()), cost, list(range(g * per, (g + 1) * per)))
+            for g in range(a.n_kv_heads)]
+
+
+def _greedy_support(smap, layout, score, budget, core_importance, heads_keep, min_heads, tile,
+                    pad_to_tile, chunk, core_share, kv_groups) -> Support:
     heads: dict[int, set[int]] = {li: set() for li in layout.heads}
     chans: dict[int, list[int]] = {li: [] for li in layout.channels}
     # each layer's best heads first: min_heads always (within the budget), or exactly
@@ -61,12 +97,22 @@ def class_support(smap: StructureMap, member_importances: np.ndarray, density: f
     for li, sl in layout.heads.items():
         want = min_heads if heads_keep is None else max(heads_keep, min_heads)
         n = min(want, smap.layers[li].attention.n_heads)
-        heads[li] = set(np.argsort(-score[sl], kind="stable")[:n].tolist())
+        if kv_groups:  # best whole groups until `want` heads are covered
+            for _, _, members in sorted(_group_items(smap, li, score[sl]), key=lambda g: -g[0]):
+                if len(heads[li]) >= n:
+                    break
+                heads[li].update(members)
+        else:
+            heads[li] = set(np.argsort(-score[sl], kind="stable")[:n].tolist())
 
     def items_for(values: np.ndarray):
         """Selectable items (score, bytes, kind, layer, members) ranked by score per byte."""
         out = []
-        if heads_keep is None:
+        if heads_keep is None and kv_groups:
+            for li, sl in layout.heads.items():
+                for value, cost, members in _group_items(smap, li, values[sl]):
+                    out.append((value, cost, "group", li, members))
+        elif heads_keep is None:
             for li, sl in layout.heads.items():
                 a = smap.layers[li].attention
                 cost = smap.head_bytes(li) + smap.kv_group_bytes(li) / (a.n_heads // a.n_kv_heads)
@@ -90,11 +136,14 @@ def class_support(smap: StructureMap, member_importances: np.ndarray, density: f
         closed = set()  # a layer whose next chunk did not fit takes no later (worse) chunk
         skipped.clear()
         for value, cost, kind, li, members in items:
-            if kind == "head":
-                if members[0] in heads[li]:
+            if kind in ("head", "group"):
+                if set(members) <= heads[li]:
                     continue
+                if kind == "group":  # a partly kept group (from the reservation) costs less
+                    cost = _bytes(smap, {li: heads[li] | set(members)}, {}) - \
+                        _bytes(smap, {li: heads[li]}, {})
                 if used + cost <= limit:
-                    heads[li].add(members[0])
+                    heads[li].update(members)
                     used += cost
             elif li not in closed:  # chunks of one call never overlap (see items_for)
                 if used + cost <= limit:
@@ -121,12 +170,20 @@ def class_support(smap: StructureMap, member_importances: np.ndarray, density: f
                    {li: sorted(int(c) for c in cs) for li, cs in chans.items()}, None)
 
 
-def _uniform_support(smap, layout, score, budget, heads_keep, tile) -> Support:
+def _uniform_support(smap, layout, score, budget, heads_keep, tile, kv_groups=False) -> Support:
     """Same FFN fraction in every layer (Wanda/FLAP-style), class-specific ranking within it."""
     heads = {}
     for li, sl in layout.heads.items():
         n = smap.layers[li].attention.n_heads if heads_keep is None else heads_keep
-        heads[li] = sorted(np.argsort(-score[sl], kind="stable")[:n].tolist())
+        if kv_groups:
+            kept = []
+            for _, _, members in sorted(_group_items(smap, li, score[sl]), key=lambda g: -g[0]):
+                if len(kept) >= n:
+                    break
+                kept += members
+            heads[li] = sorted(kept)
+        else:
+            heads[li] = sorted(np.argsort(-score[sl], kind="stable")[:n].tolist())
     head_bytes = _bytes(smap, {li: set(h) for li, h in heads.items()}, {li: [] for li in layout.channels})
     ffn_total = sum(smap.layers[li].ffn.width * smap.channel_bytes(li) for li in layout.channels)
     frac = min(1.0, max(0.0, (budget - head_bytes) / ffn_total)) if ffn_total else 0.0
@@ -153,8 +210,10 @@ def _to_tile_multiple(kept: list[int], scores: np.ndarray, tile: int) -> list[in
 
 def _bytes(smap, heads, chans) -> int:
     """Exact kept bytes of a partial selection (kv groups counted once per kept group)."""
+    # only the layers named here count (skipped layers are not in the selection at all)
     return Support({li: list(h) for li, h in heads.items()},
-                   {li: list(c) for li, c in chans.items()}).kept_bytes(smap)
+                   {li: list(c) for li, c in chans.items()},
+                   sorted(set(heads) | set(chans))).kept_bytes(smap)
 
 
 # ----------------------------------------------------------------------------- permutation

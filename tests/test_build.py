@@ -145,3 +145,21 @@ def test_weights_stored_in_source_dtype_with_tied_weights_once(stories_dir, cali
         b.manifest["tied_weights"] == {"lm_head.weight": "model.embed_tokens.weight"}
     n_params = sum(p.numel() for p in load_model(stories_dir).model.parameters())
     assert sum(t.numel() for t in weights.values()) == n_params  # the tied matrix once
+
+
+def test_build_options_kv_groups_uniform_skip_layers(stories_dir, calib, tmp_path):
+    out = tmp_path / "bundle"
+    report = run_build(str(stories_dir), calib, out, density=0.6, seed=0, progress=False,
+                       allocation="uniform", kv_groups=True, skip_layers=1, tile=4)
+    b = load_bundle(out)
+    assert len(report["skipped_layers"]) == 1 and len(report["layer_skip_kl"]) == 5
+    skipped = report["skipped_layers"][0]
+    # the layer whose removal alone costs least was dropped, in every class
+    assert report["layer_skip_kl"][skipped] == min(report["layer_skip_kl"])
+    for cls in b.manifest["classes"]:
+        sup = Support.from_json(cls["support"])
+        assert skipped not in sup.layers
+        for heads in sup.heads.values():
+            assert all((h ^ 1) in heads for h in heads)  # kv groups of 2 heads kept whole
+    with pytest.raises(UserInputError):
+        run_build(str(stories_dir), calib, tmp_path / "b2", skip_layers=5, progress=False)

@@ -110,3 +110,39 @@ def test_uniform_allocation_keeps_heads_and_equal_ffn_fraction(stories):
     li = 0
     best = np.argsort(-scores.mean(0)[layout.channels[li]])[:len(sup.channels[li])]
     assert sorted(best.tolist()) == sup.channels[li]
+
+
+@pytest.mark.parametrize("allocation", ["greedy", "uniform"])
+def test_kv_group_granularity_keeps_whole_groups(stories, allocation):
+    from cscompile.passes.constrain import class_support
+    from cscompile.passes.signature import unit_layout
+
+    _, smap = stories
+    scores = np.random.default_rng(1).random((2, unit_layout(smap).n_units))
+    sup = class_support(smap, scores, 0.5, allocation=allocation, kv_groups=True, tile=4,
+                        heads_keep=4 if allocation == "uniform" else None)
+    for li, heads in sup.heads.items():
+        groups = {h // 2 for h in heads}  # 8 heads / 4 kv groups
+        assert sorted(heads) == sorted(h for g in groups for h in (2 * g, 2 * g + 1))
+    assert abs(sup.density(smap) - 0.5) < 0.06
+
+
+def test_skip_layers_frees_their_bytes(stories):
+    from cscompile.passes.constrain import class_support
+    from cscompile.passes.signature import unit_layout
+
+    loaded, smap = stories
+    scores = np.random.default_rng(2).random((2, unit_layout(smap).n_units))
+    sup = class_support(smap, scores, 0.5, skip_layers=[4])
+    assert sup.layers == [0, 1, 2, 3] and 4 not in sup.heads and 4 not in sup.channels
+    assert abs(sup.density(smap) - 0.5) < 0.06
+    with pytest.raises(Exception):
+        class_support(smap, scores, 0.5, skip_layers=range(5))
+    # the support still runs physically reduced, equal to masked execution
+    from cscompile.execute import reduce_model
+
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    masked = masked_logits(loaded.model, smap, ids, UnitMask.from_supports(smap, [sup]))
+    with torch.no_grad():
+        sliced = logits_of(reduce_model(loaded.model, smap, sup), ids)
+    assert (masked - sliced).abs().max() <= 1e-4

@@ -119,3 +119,16 @@ def test_estimate_cs_averages_prompts(stories):
         estimate_cs(loaded.model, smap, [], density=0.5)
     with pytest.raises(UserInputError):
         estimate_cs(loaded.model, smap, prompts, density=1.5)
+
+
+def test_single_unit_costs_match_one_at_a_time(stories):
+    from cscompile.passes.measure import single_unit_costs
+
+    loaded, smap = stories
+    ids = _ids(20)
+    costs = single_unit_costs(loaded.model, smap, [ids], "layer", batch_size=3)
+    units = unit_space(smap, "layer")
+    keep = np.ones((1, 5))
+    keep[0, 2] = 0
+    assert costs[2] == pytest.approx(measure_one(loaded, smap, ids, units, keep), rel=1e-4)
+    assert (costs > 0).all()
