@@ -53,6 +53,21 @@ class _Phases:
         self.times[name] = round(time.perf_counter() - t0, 4)
         self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
 
+    @contextmanager
+    def counted(self, name: str, total: int):
+        """A phase over `total` items with a bar and a time-remaining estimate; yields advance()."""
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        t0 = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                      console=self.console, transient=True) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda: bar.advance(task)
+        self.times[name] = round(time.perf_counter() - t0, 4)
+        self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
+
     def warn(self, msg: str):
         self.warnings.append(msg)
         self.console.print(f"[yellow]warning:[/yellow] {msg}")
@@ -60,7 +75,7 @@ class _Phases:
 
 def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
               heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
-              progress=True, allocation="greedy", kv_groups=False, skip_layers=0) -> dict:
+              progress=True, allocation="uniform", kv_groups=False, skip_layers=0) -> dict:
     """Build a bundle in `out`; return the build report (report.json + a "timing" section)."""
     from .passes.cluster import alignment, cluster
     from .passes.lower import lower
@@ -94,9 +109,10 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     build_idx, held_idx = _split(len(rows), seed)
     build_ids = [ids[i] for i in build_idx]
     held_ids = [ids[i] for i in held_idx]
-    with ph.phase(f"signatures of {len(build_ids)} build prompts"):
-        sig = prompt_signatures(loaded.model, smap, build_ids)
-        held_sig = prompt_signatures(loaded.model, smap, held_ids)
+    with ph.counted(f"signatures of {len(build_ids)} build + {len(held_ids)} held-out prompts",
+                    len(build_ids) + len(held_ids)) as advance:
+        sig = prompt_signatures(loaded.model, smap, build_ids, on_prompt=advance)
+        held_sig = prompt_signatures(loaded.model, smap, held_ids, on_prompt=advance)
     with ph.phase("clustering into classes"):
         if classes is not None and classes > len(build_ids):
             raise UserInputError(f"--classes {classes} exceeds the {len(build_ids)} build prompts")

@@ -89,9 +89,11 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
 @click.option("--heads-keep", type=click.IntRange(1), default=None,
               help="Keep exactly this many query heads per layer (default: heads compete for "
                    "the byte budget with FFN channels).")
-@click.option("--allocation", type=click.Choice(["greedy", "uniform"]), default="greedy",
-              show_default=True, help="greedy: heads and FFN chunks compete by importance per "
-                                      "byte across layers; uniform: same FFN fraction per layer.")
+@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform",
+              show_default=True, help="uniform: all heads (or --heads-keep) and the same FFN "
+                                      "fraction per layer, ranked by class; greedy: heads and "
+                                      "FFN chunks compete by importance per byte across layers "
+                                      "(measured worse on SmolLM2, see README).")
 @click.option("--kv-groups", is_flag=True, help="Keep attention heads in whole kv groups.")
 @click.option("--skip-layers", default=0, show_default=True, type=click.IntRange(0),
               help="Drop this many whole layers: those whose removal alone costs least KL, "

@@ -73,8 +73,9 @@ def _energy_hook(store: dict, key, col_norm2: torch.Tensor):
 
 @torch.no_grad()
 def prompt_signatures(model: torch.nn.Module, smap: StructureMap,
-                      prompts: list[torch.Tensor]) -> np.ndarray:
-    """[P, N] per-prompt unit importances (one dense forward per prompt, [1, T] ids each)."""
+                      prompts: list[torch.Tensor], on_prompt=None) -> np.ndarray:
+    """[P, N] per-prompt unit importances (one dense forward per prompt, [1, T] ids each).
+    `on_prompt()` is called after each prompt (progress display)."""
     layout = unit_layout(smap)
     store: dict = {}
     handles = []
@@ -105,6 +106,8 @@ def prompt_signatures(model: torch.nn.Module, smap: StructureMap,
                     total = float(sum(e.sum() for _, e in parts)) or 1.0
                     for sl, e in parts:
                         sig[p, sl] = e.double().numpy() / total
+            if on_prompt is not None:
+                on_prompt()
     finally:
         for h in handles:
             h.remove()
