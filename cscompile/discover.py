@@ -245,7 +245,7 @@ def discover(model, ep, example_args, example_kwargs, model_id: str,
             f"{model_id}: no recognisable attention or FFN in the traced graph "
             f"({len(linears)} linear layers found); nothing can be pruned")
 
-    layers = _assemble_layers(attentions, ffns, unidentified)
+    layers = _assemble_layers(attentions, ffns)
     elsize_of = lambda p: (torch.empty(0, dtype=storage_dtype).element_size()  # noqa: E731
                            if storage_dtype is not None else p.element_size())
     params, total = {}, 0
@@ -377,20 +377,12 @@ def _channels_identity(env, up_node, x_in, width) -> bool:
     return bool(torch.allclose(ratio, expect, rtol=1e-3, atol=1e-3))
 
 
-def _assemble_layers(attentions, ffns, unidentified):
-    by_layer: dict[str, dict] = {}
-    order = []
-    for info, _ in attentions:
-        key = _layer_module(info.module) or info.module
-        if key not in by_layer:
-            by_layer[key] = {}
-            order.append(key)
-        by_layer[key]["attention"] = info
-    for info, _ in ffns:
-        key = _layer_module(info.module) or info.module
-        if key not in by_layer:
-            by_layer[key] = {}
-            order.append(key)
-        by_layer[key]["ffn"] = info
-    return [LayerInfo(i, key, by_layer[key].get("attention"), by_layer[key].get("ffn"))
-            for i, key in enumerate(order)]
+def _assemble_layers(attentions, ffns):
+    """Group attention and FFN blocks by the residual block (layer module) they live in."""
+    by_layer: dict[str, dict] = {}  # insertion order: graph order of each layer's attention
+    for kind, found in (("attention", attentions), ("ffn", ffns)):
+        for info, _ in found:
+            key = _layer_module(info.module) or info.module
+            by_layer.setdefault(key, {})[kind] = info
+    return [LayerInfo(i, key, parts.get("attention"), parts.get("ffn"))
+            for i, (key, parts) in enumerate(by_layer.items())]

@@ -155,3 +155,15 @@ def arch(request) -> str:
 @pytest.fixture(scope="session")
 def tiny_expected() -> dict:
     return TINY_EXPECTED
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a busy 2-core machine
+    (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from cscompile.execute import Support
 from cscompile.frontend import load_model, logits_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
 

@@ -12,13 +12,7 @@ from cscompile.passes.constrain import (apply_permutation, channel_permutation, 
 from cscompile.passes.signature import unit_layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _importances(smap, n=5, seed=0):

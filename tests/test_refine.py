@@ -16,12 +16,7 @@ from cscompile.runtime.refine import (RefineConfig, energy_fraction, gate_up_row
 from cscompile.runtime.session import ClassPath, Session
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_config_validation_and_extremes():

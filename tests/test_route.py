@@ -6,13 +6,7 @@ from safetensors.torch import load_file, save_file
 from cscompile.passes.route import Router, fit_router, route, router_accuracy, router_cost
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _two_kinds(n=4, t=8):

@@ -20,12 +20,7 @@ PROMPTS = ["Once upon a time, a little fox", "Tom has 12 apples and buys 7 more.
 N_NEW = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
