@@ -34,10 +34,10 @@ def _check_design(design: str) -> None:
         raise UserInputError(f"unknown design {design!r}; choose one of {', '.join(DESIGNS)}")
 
 
-def _group_index(groups, n_units: int) -> np.ndarray:
+def group_index(groups, n_units: int, who: str = "the block design") -> np.ndarray:
     """Map arbitrary integer group ids to 0..G-1 (one entry per unit)."""
     if groups is None:
-        raise UserInputError("the block design needs `groups` (one integer group id per unit)")
+        raise UserInputError(f"{who} needs `groups` (one integer group id per unit)")
     groups = np.asarray(groups)
     if groups.shape != (n_units,) or not np.issubdtype(groups.dtype, np.integer):
         raise UserInputError(f"groups must be an integer array of shape ({n_units},), got "
@@ -66,7 +66,7 @@ def draw_masks(n_units: int, m: int, design: str = "bernoulli", rate: float = 0.
         return (rng.random((m, n_units)) >= rate).astype(np.float32)
 
     if design == "block":
-        group_of_unit = _group_index(groups, n_units)
+        group_of_unit = group_index(groups, n_units)
         group_kept = rng.random((m, group_of_unit.max() + 1)) >= rate
         return group_kept[:, group_of_unit].astype(np.float32)
 

@@ -38,6 +38,8 @@ from sklearn.model_selection import KFold
 
 from cscompile.errors import UserInputError
 
+from .designs import group_index
+
 from .designs import measurements_needed
 
 METHODS = ("omp", "cosamp", "block", "lasso", "ols")
@@ -273,13 +275,7 @@ def recover(A, y, k: int, method: str = "omp", groups=None, positive: bool = Fal
 
     group_idx = None
     if method == "block":
-        if groups is None:
-            raise UserInputError("method 'block' needs `groups` (one integer group id per unit)")
-        groups = np.asarray(groups)
-        if groups.shape != (n_units,) or not np.issubdtype(groups.dtype, np.integer):
-            raise UserInputError(f"groups must be an integer array of shape ({n_units},), got "
-                                 f"{groups.dtype} {groups.shape}")
-        group_idx = np.unique(groups, return_inverse=True)[1].reshape(-1)
+        group_idx = group_index(groups, n_units, "method 'block'")
         n_groups = int(group_idx.max()) + 1
         if k > n_groups:
             raise UserInputError(f"k={k} groups requested but there are only {n_groups} groups")

@@ -95,6 +95,16 @@ def _run(model, ids):
         logits_of(model, ids)
 
 
+def _run_all(model, prompts, handles) -> None:
+    """Forward every prompt with `handles` (hooks) installed, then remove them."""
+    try:
+        for ids in prompts:
+            _run(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _collect(model, smap: StructureMap, prompts, on_ffn=None, on_attn=None) -> int:
     """Forward every prompt; call on_ffn(layer, h [tokens, width]) with each down-projection
     input and on_attn(layer, z [tokens, heads, head_dim]) with each o-projection input.
@@ -110,12 +120,7 @@ def _collect(model, smap: StructureMap, prompts, on_ffn=None, on_attn=None) -> i
             handles.append(model.get_submodule(a.o).register_forward_pre_hook(
                 lambda m, args, li=li, cols=cols: on_attn(
                     li, args[0].detach().float().reshape(-1, args[0].shape[-1])[:, cols])))
-    try:
-        for ids in prompts:
-            _run(model, ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_all(model, prompts, handles)
     return len(prompts)
 
 
@@ -358,12 +363,7 @@ def _calibrate_thresholds(model, smap, prompts, sites: dict, keep: dict, seed: i
         else:
             handles.append(mod.register_forward_hook(
                 lambda m, a, out, key=key, t=transform: record(key, t(out))))
-    try:
-        for ids in prompts:
-            _run(model, ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_all(model, prompts, handles)
     return {key: float(torch.quantile(torch.cat(v), 1.0 - keep[key]).item()) if keep[key] < 1
             else 0.0 for key, v in samples.items()}
 
