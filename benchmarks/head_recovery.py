@@ -8,7 +8,16 @@ the forward passes it spent. Methods:
   ablation          exhaustive single-head drops, KL response (N passes per window)
   cs                random Bernoulli drop masks (rate r), KL response, positive Lasso recovery
   cs+prior          the same, recovering a sparse correction to the activation scores
+  cs shared         the same masks on all calibration windows at once (mean response), one Lasso
+  cs shared logkl   the same measurements, log of the response (distortion compounds)
+  cs around         masks flip heads relative to the activation support (drop kept heads,
+                    restore dropped ones): marginal values at the operating point, signed Lasso
+  cs around x2      two adaptive rounds of half the budget, the second around the first's support
+  ablation around   exhaustive single flips around the activation support (the ceiling of
+                    `cs around`: what a perfect linear model at the operating point gives)
   random            seeded
+
+Remedy methods (cs shared ..., ablation around) are not in the default list; ask with --methods.
 
     python benchmarks/head_recovery.py --model smollm2-135m --calib 4 --eval 20 --threads 2
 """
@@ -19,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +42,26 @@ from cscompile.passes.measure import measure, recover_importance, single_unit_co
 from cscompile.passes.signature import prompt_signatures, unit_layout
 
 err = Console(stderr=True)
+
+
+DEFAULT_METHODS = ("activation", "ablation", "cs r=0.1", "cs r=0.3", "cs+prior r=0.1", "random")
+ALL_METHODS = DEFAULT_METHODS + ("cs shared", "cs shared logkl", "cs around", "cs around x2",
+                                 "ablation around")
+
+
+def keep_vector(smap, support: Support) -> np.ndarray:
+    """0/1 keep vector over the "head" unit space."""
+    return np.array([float(u["index"] in support.heads[u["layer"]]) for u in unit_space(smap, "head")])
+
+
+def flip_importance(smap, model, calib, around, m, rate, seed) -> np.ndarray:
+    """Marginal value of each head at the operating point `around`: shared flip masks over all
+    calibration windows, signed Lasso; a kept head's value is what dropping it costs, a dropped
+    head's value is what restoring it gains."""
+    meas = measure(model, smap, torch.cat(calib), "head", m=m, rate=rate, seed=seed, around=around,
+                   batch_size=16)
+    rec = recover_importance(meas, k=max(1, int(0.2 * len(around))), method="lasso", positive=False)
+    return rec.importance * np.where(around > 0, 1.0, -1.0)
 
 
 def keep_top(smap, scores: np.ndarray, keep: int) -> Support:
@@ -55,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=270, help="measurements per calibration window")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list from: {', '.join(ALL_METHODS)}")
     ap.add_argument("--json", default="results/head_recovery.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -72,22 +104,55 @@ def main(argv=None):
     layout = unit_layout(smap)
     sig = prompt_signatures(model, smap, calib).mean(0)
     activation = np.concatenate([sig[layout.heads[li]] for li in range(smap.n_layers)])
+    wanted = args.methods.split(",")
+    unknown = set(wanted) - set(ALL_METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}")
     scores, forwards = {"activation": activation}, {"activation": args.calib}
-    err.print("exhaustive single-head ablation ...")
-    scores["ablation"] = single_unit_costs(model, smap, calib, "head")
-    forwards["ablation"] = args.calib * (n + 1)
-    for name, rate, prior in (("cs r=0.1", 0.1, None), ("cs r=0.3", 0.3, None),
-                              ("cs+prior r=0.1", 0.1, activation)):
+    at_activation = keep_vector(smap, keep_top(smap, activation, args.keep))
+    per_window = args.calib * (args.m + 1)
+    shared = None
+    for name in wanted:
+        if name in scores:
+            continue
         err.print(f"{name} ...")
-        total = np.zeros(n)
-        for i, ids in enumerate(calib):
-            meas = measure(model, smap, ids, "head", m=args.m, rate=rate, seed=args.seed + i)
-            rec = recover_importance(meas, k=k_drop, method="lasso", prior=prior)
-            total += rec.importance / (np.abs(rec.importance).sum() or 1)
-        scores[name] = total
-        forwards[name] = args.calib * (args.m + 1)
-    scores["random"] = np.random.default_rng(args.seed).random(n)
-    forwards["random"] = 0
+        if name == "ablation":
+            scores[name] = single_unit_costs(model, smap, calib, "head")
+            forwards[name] = args.calib * (n + 1)
+        elif name == "ablation around":
+            costs = single_unit_costs(model, smap, calib, "head", around=at_activation)
+            scores[name] = costs * np.where(at_activation > 0, 1.0, -1.0)
+            forwards[name] = args.calib * (n + 2)
+        elif name in ("cs r=0.1", "cs r=0.3", "cs+prior r=0.1"):
+            rate = 0.3 if "0.3" in name else 0.1
+            prior = activation if "prior" in name else None
+            total = np.zeros(n)
+            for i, ids in enumerate(calib):
+                meas = measure(model, smap, ids, "head", m=args.m, rate=rate, seed=args.seed + i)
+                rec = recover_importance(meas, k=k_drop, method="lasso", prior=prior)
+                total += rec.importance / (np.abs(rec.importance).sum() or 1)
+            scores[name], forwards[name] = total, per_window
+        elif name in ("cs shared", "cs shared logkl"):
+            if shared is None:  # one set of measurements serves both responses
+                shared = measure(model, smap, torch.cat(calib), "head", m=args.m, rate=0.1,
+                                 seed=args.seed)
+            meas = shared
+            if name.endswith("logkl"):
+                meas = replace(shared, responses=np.log(np.maximum(shared.responses, 1e-8)))
+            scores[name] = recover_importance(meas, k=k_drop, method="lasso").importance
+            forwards[name] = shared.n_forwards
+        elif name == "cs around":
+            scores[name] = flip_importance(smap, model, calib, at_activation, args.m, 0.1, args.seed)
+            forwards[name] = args.calib * (args.m + 2)
+        elif name == "cs around x2":
+            half = args.m // 2
+            first = flip_importance(smap, model, calib, at_activation, half, 0.1, args.seed)
+            around = keep_vector(smap, keep_top(smap, first, args.keep))
+            scores[name] = flip_importance(smap, model, calib, around, half, 0.1, args.seed + 1)
+            forwards[name] = 2 * args.calib * (half + 2)
+        elif name == "random":
+            scores[name] = np.random.default_rng(args.seed).random(n)
+            forwards[name] = 0
 
     supports = {m: keep_top(smap, s, args.keep) for m, s in scores.items()}
     names = list(supports)
@@ -110,13 +175,13 @@ def main(argv=None):
     print(f"| dense | – | {geo['dense']:.2f} | 0 |")
     for m in names:
         print(f"| {m} | {forwards[m]} | {geo[m]:.2f} | {np.mean(kl[m]):.3f} |")
-    overlap = {m: float(np.mean([len(set(supports[m].heads[li]) & set(supports["ablation"].heads[li]))
+    ref = "ablation" if "ablation" in supports else "activation"
+    overlap = {m: float(np.mean([len(set(supports[m].heads[li]) & set(supports[ref].heads[li]))
                                  / args.keep for li in range(smap.n_layers)])) for m in names}
-    print("\nkept-head overlap with exhaustive ablation: " +
-          ", ".join(f"{m} {v:.2f}" for m, v in overlap.items()))
+    print(f"\nkept-head overlap with {ref}: " + ", ".join(f"{m} {v:.2f}" for m, v in overlap.items()))
     out = {"model": loaded.model_id, "args": vars(args), "perplexity": geo,
            "kl": {m: float(np.mean(v)) for m, v in kl.items()}, "forwards": forwards,
-           "overlap_with_ablation": overlap, "seconds": time.perf_counter() - t0}
+           "overlap_reference": ref, "overlap": overlap, "seconds": time.perf_counter() - t0}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     err.print(f"wrote {args.json} ({out['seconds']:.0f} s)")

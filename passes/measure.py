@@ -9,7 +9,11 @@ prompt run as one batched forward (`cscompile.execute.masked` applies a differen
 Units are one of: query heads ("head"), kv groups ("kv_group"), FFN channel blocks
 ("ffn_block", tile-aligned, last block partial), single FFN channels ("ffn_channel"), or whole
 layers ("layer"). `base` masks (e.g. a target support) can be applied under every measurement,
-so measurements linearise around that support rather than around the dense model.
+so measurements linearise around that support rather than around the dense model; `around`
+goes further and *flips* units relative to a target keep-vector (drops kept units, restores
+dropped ones), so recovery sees the marginal value of every unit at the operating point.
+Several prompts of one length can share every mask (`input_ids` [P, T]): the response is
+their mean, which averages out prompt noise before recovery rather than after.
 """
 
 from __future__ import annotations
@@ -97,28 +101,42 @@ def units_to_mask(smap: StructureMap, units: list[dict], keep: np.ndarray,
     return mask
 
 
+RESPONSES = ("kl", "logkl", "loss")
+
+
 def _response(dense_logp, logits, response: str, input_ids, target_from: int):
+    """Distortion per row; rows are masks x prompts (prompt-major within a mask), averaged
+    over the prompts so each mask gets one response."""
+    n_prompts = input_ids.shape[0]
     logp = F.log_softmax(logits.float(), dim=-1)
-    if response == "kl":  # KL(dense || masked) per position, averaged over the prompt
+    dense_logp = dense_logp.repeat(logp.shape[0] // n_prompts, 1, 1)
+    if response in ("kl", "logkl"):  # KL(dense || masked) per position, averaged over the prompt
         kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1)
-        return kl[:, :-1].mean(-1)
-    targets = input_ids[:, target_from + 1:]
-    pos = slice(target_from, input_ids.shape[1] - 1)
-    nll = -logp[:, pos].gather(-1, targets.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-    dense_nll = -dense_logp[:, pos].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (nll - dense_nll).mean(-1)
+        per_row = kl[:, :-1].mean(-1)
+    else:
+        targets = input_ids[:, target_from + 1:].repeat(logp.shape[0] // n_prompts, 1)
+        pos = slice(target_from, input_ids.shape[1] - 1)
+        nll = -logp[:, pos].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        dense_nll = -dense_logp[:, pos].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        per_row = (nll - dense_nll).mean(-1)
+    per_mask = per_row.view(-1, n_prompts).mean(-1)
+    # log-KL: distortion compounds multiplicatively as units go, so log makes it closer to additive
+    return torch.log(per_mask.clamp_min(1e-8)) if response == "logkl" else per_mask
 
 
 def measure(model, smap: StructureMap, input_ids: torch.Tensor, unit_kind: str = "head",
             m: int | None = None, k: int | None = None, C: float = 3.0, budget: int | None = None,
             design: str = "bernoulli", rate: float = 0.1, seed: int = 0, response: str = "kl",
             tile: int = 64, batch_size: int = 16, base: UnitMask | None = None,
-            target_from: int | None = None) -> Measurements:
-    """Draw random masks over one kind of unit and record each masked forward's distortion."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
-        raise UserInputError("measure needs one prompt of at least 2 tokens (input_ids [1, T])")
-    if response not in ("kl", "loss"):
-        raise UserInputError(f"unknown response {response!r}; choose kl or loss")
+            target_from: int | None = None, around: np.ndarray | None = None) -> Measurements:
+    """Draw random masks over one kind of unit and record each masked forward's distortion.
+
+    `masks` in the result are the drawn masks (0 = unit touched). With `around` (a 0/1 keep
+    vector over the units) a touched unit is flipped: dropped if kept, restored if dropped."""
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise UserInputError("measure needs prompts of at least 2 tokens (input_ids [P, T])")
+    if response not in RESPONSES:
+        raise UserInputError(f"unknown response {response!r}; choose {', '.join(RESPONSES)}")
     units = unit_space(smap, unit_kind, tile)
     n = len(units)
     if n == 0:
@@ -132,28 +150,39 @@ def measure(model, smap: StructureMap, input_ids: torch.Tensor, unit_kind: str =
     target_from = target_from if target_from is not None else input_ids.shape[1] // 2
     groups = np.array([u["layer"] for u in units]) if design == "block" else None
     masks = draw_masks(n, m, design, rate, seed, groups)
+    if around is not None:
+        around = np.asarray(around, dtype=np.float32).reshape(-1)
+        if around.shape != (n,) or not np.isin(around, (0, 1)).all():
+            raise UserInputError(f"around must be a 0/1 keep vector over the {n} units")
+    n_prompts = input_ids.shape[0]
+    per_chunk = max(1, batch_size // n_prompts)
 
     start = time.perf_counter()
     with torch.no_grad():
         dense_logits = logits_of(model, input_ids)
-        base_logits = dense_logits
-        if base is not None:
-            with masked(model, smap, base):
-                base_logits = logits_of(model, input_ids)
         dense_logp = F.log_softmax(dense_logits.float(), dim=-1)
+        base_logits = dense_logits
+        if base is not None or around is not None:
+            base_keep = np.ones((n_prompts, n), np.float32) if around is None else \
+                around[None].repeat(n_prompts, 0)
+            with masked(model, smap, units_to_mask(smap, units, base_keep, base)):
+                base_logits = logits_of(model, input_ids)
         responses = []
-        for s in range(0, m, batch_size):
-            chunk = masks[s:s + batch_size]
-            mask = units_to_mask(smap, units, chunk, base)
+        for s in range(0, m, per_chunk):
+            chunk = masks[s:s + per_chunk]
+            keep = chunk if around is None else np.where(chunk > 0, around, 1.0 - around)
+            mask = units_to_mask(smap, units, np.repeat(keep, n_prompts, axis=0), base)
             with masked(model, smap, mask):
-                logits = logits_of(model, input_ids.expand(len(chunk), -1))
+                logits = logits_of(model, input_ids.repeat(len(chunk), 1))
             responses.append(_response(dense_logp, logits, response, input_ids, target_from))
     seconds = time.perf_counter() - start
     y = torch.cat(responses).double().numpy()
-    return Measurements(units, masks, y, design, rate, seed, m_needed, m + 1 + (base is not None),
-                        seconds, {"response": response,
-                                  "base_response": float(_response(dense_logp, base_logits, response,
-                                                                   input_ids, target_from)[0])})
+    extra_passes = base is not None or around is not None
+    return Measurements(units, masks, y, design, rate, seed, m_needed,
+                        (m + 1 + extra_passes) * n_prompts, seconds,
+                        {"response": response, "n_prompts": n_prompts,
+                         "base_response": float(_response(dense_logp, base_logits, response,
+                                                          input_ids, target_from)[0])})
 
 
 def recover_importance(meas: Measurements, k: int, method: str = "lasso", positive: bool = True,
@@ -223,23 +252,30 @@ def estimate_cs(model, smap: StructureMap, prompts_ids: list[torch.Tensor], dens
 
 
 def single_unit_costs(model, smap: StructureMap, prompts_ids: list[torch.Tensor],
-                      unit_kind: str = "layer", tile: int = 64, batch_size: int = 8) -> np.ndarray:
-    """Exhaustive one-at-a-time ablation: mean KL to dense when each unit alone is dropped.
+                      unit_kind: str = "layer", tile: int = 64, batch_size: int = 8,
+                      around: np.ndarray | None = None) -> np.ndarray:
+    """Exhaustive one-at-a-time ablation: mean KL to dense when each unit alone is dropped
+    (with `around`, a 0/1 keep vector: the change of that KL when each unit alone is flipped
+    from the target — positive for a kept unit that matters, negative for a dropped one).
 
     N batched forwards per prompt — affordable for whole layers (30 on SmolLM2) and heads,
     which is where an interventional measurement beats any activation statistic: a layer's
     activations say nothing about what skipping it does downstream."""
     units = unit_space(smap, unit_kind, tile)
     n = len(units)
+    start = np.ones(n, np.float32) if around is None else np.asarray(around, np.float32)
     total = np.zeros(n)
     with torch.no_grad():
         for ids in prompts_ids:
             dense_logp = F.log_softmax(logits_of(model, ids).float(), dim=-1)
+            if around is not None:  # costs are changes from the target's own distortion
+                with masked(model, smap, units_to_mask(smap, units, start[None])):
+                    total -= _response(dense_logp, logits_of(model, ids), "kl", ids, 0).item()
             for s in range(0, n, batch_size):
                 rows = range(s, min(n, s + batch_size))
-                keep = np.ones((len(rows), n), dtype=np.float32)
+                keep = np.repeat(start[None], len(rows), axis=0)
                 for r, u in enumerate(rows):
-                    keep[r, u] = 0
+                    keep[r, u] = 1 - start[u]
                 with masked(model, smap, units_to_mask(smap, units, keep)):
                     logits = logits_of(model, ids.expand(len(rows), -1))
                 total[list(rows)] += _response(dense_logp, logits, "kl", ids, 0).double().numpy()

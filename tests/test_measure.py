@@ -97,6 +97,38 @@ def test_loss_response_and_base(stories):
     assert meas.extra["base_response"] != 0.0 and len(meas.responses) == 4
 
 
+def test_shared_masks_average_prompts(stories):
+    """Two prompts sharing every mask: the response is the mean of each prompt's own response."""
+    loaded, smap = stories
+    a, b = _ids(24, seed=1), _ids(24, seed=2)
+    both = measure(loaded.model, smap, torch.cat([a, b]), "head", m=5, rate=0.3, seed=4, batch_size=4)
+    one = [measure(loaded.model, smap, x, "head", m=5, rate=0.3, seed=4) for x in (a, b)]
+    assert np.allclose(both.responses, (one[0].responses + one[1].responses) / 2, rtol=1e-4, atol=1e-7)
+    assert both.n_forwards == 2 * 6
+    logkl = measure(loaded.model, smap, a, "head", m=5, rate=0.3, seed=4, response="logkl")
+    assert np.allclose(logkl.responses, np.log(one[0].responses), rtol=1e-4, atol=1e-6)
+
+
+def test_around_flips_units_relative_to_a_target(stories):
+    """With `around`, a touched kept unit is dropped and a touched dropped unit restored."""
+    loaded, smap = stories
+    ids = _ids(24)
+    n = len(unit_space(smap, "head"))
+    target = np.ones(n, np.float32)
+    target[:n // 2] = 0  # the first half of the heads are dropped at the operating point
+    meas = measure(loaded.model, smap, ids, "head", m=3, rate=0.3, seed=5, around=target)
+    dense = torch.log_softmax(masked_logits(loaded.model, smap, ids, UnitMask.ones(smap)), -1)
+    for i in range(3):
+        keep = np.where(meas.masks[i] > 0, target, 1 - target)[None]
+        logp = torch.log_softmax(masked_logits(loaded.model, smap, ids,
+                                               units_to_mask(smap, meas.units, keep)), -1)
+        kl = (dense.exp() * (dense - logp)).sum(-1)[:, :-1].mean().item()
+        assert meas.responses[i] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert meas.extra["base_response"] > 0  # the target itself distorts
+    with pytest.raises(UserInputError):
+        measure(loaded.model, smap, ids, "head", m=3, around=np.full(n, 0.5))
+
+
 def test_bad_input(stories):
     loaded, smap = stories
     with pytest.raises(UserInputError):
@@ -132,3 +164,23 @@ def test_single_unit_costs_match_one_at_a_time(stories):
     keep[0, 2] = 0
     assert costs[2] == pytest.approx(measure_one(loaded, smap, ids, units, keep), rel=1e-4)
     assert (costs > 0).all()
+
+
+def test_single_unit_costs_around_a_target_flip_one_unit(stories):
+    from cscompile.passes.measure import single_unit_costs
+
+    loaded, smap = stories
+    ids = _ids(20)
+    target = np.array([1, 0, 1, 1, 0], np.float32)  # layers 1 and 4 skipped at the target
+    costs = single_unit_costs(loaded.model, smap, [ids], "layer", batch_size=2, around=target)
+    units = unit_space(smap, "layer")
+    restore_1 = target.copy()[None]
+    restore_1[0, 1] = 1
+    drop_0 = target.copy()[None]
+    drop_0[0, 0] = 0
+    at_target = measure_one(loaded, smap, ids, units, target[None])
+    assert costs[1] == pytest.approx(measure_one(loaded, smap, ids, units, restore_1) - at_target,
+                                     rel=1e-4, abs=1e-6)
+    assert costs[0] == pytest.approx(measure_one(loaded, smap, ids, units, drop_0) - at_target,
+                                     rel=1e-4, abs=1e-6)
+    assert costs[1] < 0 < costs[0]  # restoring a layer helps, dropping one hurts
