@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import friendly_errors
+from .errors import UserInputError, friendly_errors
 
 err_console = Console(stderr=True)
 
@@ -121,6 +121,73 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
     err_console.print(f"built in {report['timing']['build_s']:.1f} s")
 
 
+@main.command("eval")
+@click.argument("target")
+@click.option("--data", type=click.Path(), default=None,
+              help="A task JSONL, a WikiText raw file, a task folder, or a folder of task folders "
+                   "(default with --suite: ../shared/data).")
+@click.option("--suite", is_flag=True, help="Every task under --data (default ../shared/data), "
+                                           "densities 0.75,0.5, tables and plot under results/.")
+@click.option("--rows", default=8, show_default=True, type=click.IntRange(1),
+              help="Evaluated rows per task (held out: never the bundle's build rows).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--densities", default=None, help="FFN densities for the baselines on a model "
+              "target, e.g. 0.75,0.5 (a bundle sets its own). Default 0.5; --suite 0.75,0.5.")
+@click.option("--methods", default=",".join(("magnitude", "wanda", "griffin", "teal", "cats",
+                                               "random")), show_default=True,
+              help="Baselines: magnitude, wanda, activation, griffin, teal, cats, oracle, random, cs.")
+@click.option("--windows", default=8, show_default=True, type=click.IntRange(1),
+              help="WikiText-2 windows (perplexity of the last half).")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(8))
+@click.option("--gen-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="Dense greedy tokens scored on generative rows.")
+@click.option("--calib-rows", default=4, show_default=True, type=click.IntRange(1),
+              help="Rows per task for static baselines' calibration (disjoint from evaluated rows).")
+@click.option("--widen-threshold", default=0.1, show_default=True, type=click.FloatRange(0),
+              help="Bundle refinement: widen a token to dense at this off-support energy.")
+@click.option("--inter-keep", default=1.0, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Bundle refinement: fraction of the class's channels a token keeps.")
+@click.option("--include-build-rows", is_flag=True,
+              help="Do not leave out rows whose prompt built the bundle (not recommended).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for eval.json / eval.md / eval.png (default: results/ with --suite, "
+                   "else print only).")
+@friendly_errors
+def eval_cmd(target, data, suite, rows, seed, densities, methods, windows, window, gen_tokens,
+             calib_rows, widen_threshold, inter_keep, include_build_rows, threads, out):
+    """Quality of TARGET (bundle or model) vs its dense model and the baselines, side by side."""
+    import torch
+
+    from .evaluate import markdown, run_eval, suite_data_dir, write_report
+    from .runtime.refine import RefineConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    if data is None:
+        if not suite:
+            raise UserInputError("give --data FILE_OR_DIR (or --suite for ../shared/data)")
+        data = suite_data_dir()
+    try:
+        dens = [float(d) for d in (densities or ("0.75,0.5" if suite else "0.5")).split(",")]
+    except ValueError:
+        raise UserInputError(f"--densities must be comma-separated numbers, got {densities!r}") from None
+    report = run_eval(target, data, rows=rows, seed=seed, densities=dens,
+                      methods=[m for m in methods.split(",") if m], windows=windows, window=window,
+                      gen_tokens=gen_tokens, calib_rows=calib_rows,
+                      refine=RefineConfig(1, widen_threshold, inter_keep),
+                      include_build_rows=include_build_rows, progress=True)
+    click.echo(markdown(report))
+    out = out or ("results" if suite else None)
+    if out:
+        stem = "eval_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in report["model"])
+        for path in write_report(report, Path(out), stem):
+            err_console.print(f"wrote {path}")
+    if not report["checks"].get("full_path_equals_dense", True):
+        raise click.ClickException("the full-density bundle path does not equal the dense model")
+
+
 def print_bundle_summary(path, console: Console) -> None:
     """Verify a bundle's hashes and print its classes, densities and sizes."""
     from .bundle import load_bundle
@@ -171,6 +238,8 @@ def print_structure(smap, tile: int, console: Console) -> None:
 from cscompile.runtime.cli_run import run  # noqa: E402
 
 main.add_command(run)
+from cscompile.bench import bench  # noqa: E402
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,275 @@
+"""`cscompile bench`: prefill latency and decode tokens/s, dense vs each class path.
+
+Every path decodes the same seeded random prompt with a KV cache, greedy (argmax) tokens fed
+back one at a time, exactly the loop runtime.generate runs. A class path runs on its physically
+reduced copy (Session.compact_model) for prefill *and* decode, so both columns measure the
+reduced model alone; generate itself prefills dense, which only changes prefill, not decode.
+
+Next to the timings sit roofline numbers: decode at small batch is bound by reading the weights
+once per step, so dense bytes / class bytes is the speed-up a perfect kernel could reach, and
+the achieved class/dense tokens/s ratio says how much of it torch actually gets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from cscompile.errors import UserInputError
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserInputError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserInputError(f"{what} is empty")
+    return values
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous: time the work, not the launch
+        torch.cuda.synchronize(device)
+
+
+def touched_bytes(model) -> int:
+    """Weight bytes one decode step reads as the model actually runs (fp32 in the session):
+    every parameter once, except an untied input embedding, of which a step gathers one row."""
+    seen, total = set(), 0
+    for p in model.parameters():  # parameters() already skips tied duplicates
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is None or out.weight.data_ptr() != emb.data_ptr():
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+@torch.no_grad()
+def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: int,
+               device: torch.device) -> dict:
+    """Prefill once with a fresh cache, then `new_tokens` single-token steps; per timed run."""
+    from transformers import DynamicCache
+
+    prefill_ms, tok_s, step_ms = [], [], []
+    for run in range(warmup + repeats):
+        cache = DynamicCache(config=model.config)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1)  # the last token is part of the work being timed
+        _sync(device)
+        t2 = time.perf_counter()
+        if run >= warmup:
+            prefill_ms.append((t1 - t0) * 1e3)
+            tok_s.append(ids.shape[0] * new_tokens / (t2 - t1))
+            step_ms.append((t2 - t1) * 1e3 / new_tokens)
+    return {"prefill_ms": _stats(prefill_ms), "decode_tok_s": _stats(tok_s),
+            "step_ms": _stats(step_ms)}
+
+
+def _environment(device: torch.device) -> tuple[dict, dict]:
+    from importlib import metadata
+
+    import cscompile
+
+    hardware = {"processor": platform.processor() or platform.machine(),
+                "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "device": str(device),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "cscompile": cscompile.__version__}
+    for pkg in ("transformers", "triton"):  # metadata, not import: triton may be absent
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return hardware, versions
+
+
+def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
+              repeats=5, warmup=1, threads=None, device=None, seed=0) -> dict:
+    """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows."""
+    from cscompile.runtime import load
+
+    batch_sizes = [int(b) for b in batch_sizes]
+    for name, v in [("prompt-len", prompt_len), ("new-tokens", new_tokens),
+                    ("repeats", repeats), ("threads", threads or 1)] + [
+                    ("batch size", b) for b in batch_sizes]:
+        if v < 1:
+            raise UserInputError(f"{name} must be >= 1, got {v}")
+    if warmup < 0:
+        raise UserInputError(f"warmup must be >= 0, got {warmup}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is available here")
+    args = dict(target=str(target), classes=str(classes), batch_sizes=batch_sizes,
+                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                threads=threads, device=device, seed=seed)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        session = load(target, device=device)
+        ctx = session.context_length
+        if ctx and prompt_len + new_tokens > ctx:
+            raise UserInputError(f"prompt-len + new-tokens = {prompt_len + new_tokens} exceeds "
+                                 f"the model's context of {ctx}")
+        class_ids = _select_classes(session, classes)
+        dev = session.device
+        hardware, versions = _environment(dev)
+        smap = session.smap
+        dense_fp32 = touched_bytes(session.model)
+        paths = [("dense", None, session.model, smap.total_bytes if smap else None, dense_fp32)]
+        skipped = []
+        for c in class_ids:
+            cls = session.classes[c]
+            model = session.compact_model(c)
+            if model is None:
+                reason = ("drops layers" if cls.support.layers is not None
+                          else "reduce_model refuses its layout")
+                skipped.append({"path": f"class {c}", "class_id": c, "density": cls.density,
+                                "skipped": f"no compact model ({reason}); masked execution is "
+                                           f"not benchmarked"})
+                continue
+            paths.append((f"class {c}", c, model,
+                          smap.unprunable_bytes() + cls.support.kept_bytes(smap),
+                          touched_bytes(model)))
+
+        vocab = session.model.get_input_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        rows = []
+        for b in batch_sizes:
+            ids = torch.randint(0, vocab, (b, prompt_len), generator=gen).to(dev)
+            dense_tok_s = None
+            for name, cid, model, nbytes, fp32 in paths:
+                t = _time_path(model, ids, new_tokens, repeats, warmup, dev)
+                med = t["decode_tok_s"]["median"]
+                dense_tok_s = med if cid is None else dense_tok_s
+                row = {"batch": b, "path": name, "class_id": cid,
+                       "density": 1.0 if cid is None else session.classes[cid].density,
+                       "prefill_on": "dense" if cid is None else "compact", **t,
+                       "weight_bytes": nbytes, "weight_bytes_fp32": fp32,
+                       # bytes-bound ceiling: dense bytes over this path's bytes, as run
+                       # (fp32) and as stored (the bundle's dtype, embeddings counted whole)
+                       "bytes_ratio": dense_fp32 / fp32,
+                       "bytes_ratio_storage": paths[0][3] / nbytes if nbytes else None,
+                       "speedup": med / dense_tok_s,
+                       "gbps": (fp32 / (t["step_ms"]["median"] * 1e-3) / 1e9
+                                if dev.type == "cuda" else None)}
+                rows.append(row)
+            rows.extend({"batch": b, **s} for s in skipped)
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hardware": hardware, "versions": versions, "args": args,
+            "storage_dtype": smap.dtype if smap else None, "rows": rows}
+
+
+def _select_classes(session, classes) -> list[int]:
+    n = len(session.classes)
+    if str(classes).strip().lower() == "all":
+        return list(range(n))
+    if not session.is_bundle:
+        raise UserInputError(f"{session.source} is a plain model: it has no classes to bench "
+                             f"(leave --classes at all)")
+    ids = parse_int_list(classes, "--classes")
+    bad = [c for c in ids if not 0 <= c < n]
+    if bad:
+        raise UserInputError(f"--classes {bad} out of range: the bundle has classes 0..{n - 1}")
+    return sorted(set(ids))
+
+
+def print_bench(result: dict, console) -> None:
+    from rich.table import Table
+
+    hw, a = result["hardware"], result["args"]
+    table = Table(title=f"{a['target']} — prompt {a['prompt_len']}, {a['new_tokens']} new tok, "
+                        f"{a['repeats']} runs, {hw['device']} ({hw['gpu'] or hw['processor']}, "
+                        f"{hw['torch_threads']} threads)")
+    cols = ["batch", "path", "density", "prefill ms", "decode tok/s (min–max)", "ms/step",
+            "MB/step fp32", "ceiling ×", "achieved ×"]
+    if any(r.get("gbps") for r in result["rows"]):
+        cols.append("GB/s")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "path" else "right")
+    last = None
+    for r in result["rows"]:
+        if last is not None and r["batch"] != last:
+            table.add_section()
+        last = r["batch"]
+        if "skipped" in r:
+            table.add_row(str(r["batch"]), r["path"], f"{r['density']:.3f}", r["skipped"])
+            continue
+        d = r["decode_tok_s"]
+        cells = [str(r["batch"]), r["path"], f"{r['density']:.3f}",
+                 f"{r['prefill_ms']['median']:.2f}",
+                 f"{d['median']:.1f} [{d['min']:.1f}–{d['max']:.1f}]",
+                 f"{r['step_ms']['median']:.2f}", f"{r['weight_bytes_fp32'] / 1e6:.3f}",
+                 f"{r['bytes_ratio']:.2f}", f"{r['speedup']:.2f}"]
+        if "GB/s" in cols:
+            cells.append(f"{r['gbps']:.1f}")
+        table.add_row(*cells)
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- command line
+import click  # noqa: E402
+
+from cscompile.errors import friendly_errors  # noqa: E402
+
+
+@click.command()
+@click.argument("target")
+@click.option("--classes", default="all", show_default=True,
+              help="Class ids to bench, comma-separated (e.g. 0,1), or all.")
+@click.option("--batch-sizes", default="1", show_default=True,
+              help="Comma-separated batch sizes (e.g. 1,4).")
+@click.option("--prompt-len", default=128, show_default=True, type=int)
+@click.option("--new-tokens", default=32, show_default=True, type=int,
+              help="Decode steps timed per run.")
+@click.option("--repeats", default=5, show_default=True, type=int, help="Timed runs per path.")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs first.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the full result as JSON to this file ('-' for stdout).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda when available, else cpu.")
+@friendly_errors
+def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup, threads,
+          json_out, device):
+    """Time prefill and decode of TARGET (a bundle: dense and each class; a model: dense)."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    result = run_bench(target, classes=classes,
+                       batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+                       prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                       warmup=warmup, threads=threads, device=device)
+    text = json.dumps(result, indent=2)
+    if json_out == "-":
+        click.echo(text)
+        return
+    print_bench(result, Console(width=None if sys.stdout.isatty() else 150))
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+        click.echo(f"wrote {json_out}", err=True)

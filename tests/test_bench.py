@@ -1,0 +1,88 @@
+"""`cscompile bench` on a small stories260K bundle: rows for dense and every class with sane
+statistics and roofline columns, a skipped class, JSON environment, bad input (exit 2)."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cscompile.bench import bench, run_bench
+from cscompile.build import run_build
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
+TINY = dict(batch_sizes=(1, 2), prompt_len=16, new_tokens=4, repeats=2, warmup=1, threads=1)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def bundle(stories_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bundle"
+    run_build(str(stories_dir), EXAMPLES, out, classes=2, progress=False)
+    return out
+
+
+def test_rows_for_dense_and_each_class(bundle):
+    result = run_bench(bundle, **TINY)
+    json.dumps(result)  # JSON-able as is
+    rows = result["rows"]
+    assert [(r["batch"], r["path"]) for r in rows] == [
+        (b, p) for b in (1, 2) for p in ("dense", "class 0", "class 1")]
+    for r in rows:
+        for key in ("prefill_ms", "decode_tok_s", "step_ms"):
+            s = r[key]
+            assert 0 < s["min"] <= s["median"] <= s["max"], (r["path"], key, s)
+        assert r["prefill_on"] == ("dense" if r["class_id"] is None else "compact")
+        assert r["gbps"] is None  # CPU
+        if r["class_id"] is not None and r["density"] < 1:
+            assert r["bytes_ratio"] > 1 and r["bytes_ratio_storage"] > 1
+            assert r["weight_bytes_fp32"] < rows[0]["weight_bytes_fp32"]
+    assert any(r["class_id"] is not None and r["density"] < 1 for r in rows)
+    v = result["versions"]
+    assert v["torch"] and v["transformers"] and v["cscompile"] and "triton" in v
+    assert result["hardware"]["torch_threads"] == 1 and result["date"].endswith("+00:00")
+    assert result["args"]["prompt_len"] == 16
+
+
+def test_class_without_compact_model_is_skipped(bundle, monkeypatch):
+    from cscompile.runtime.session import Session
+
+    real = Session.compact_model
+    monkeypatch.setattr(Session, "compact_model",
+                        lambda self, c: None if c == 1 else real(self, c))
+    rows = run_bench(bundle, classes="1", **{**TINY, "batch_sizes": (1,), "repeats": 1})["rows"]
+    assert [r["path"] for r in rows] == ["dense", "class 1"]
+    assert "no compact model" in rows[1]["skipped"]
+
+
+def test_cli_table_and_json(bundle, tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(bench, [str(bundle), "--classes", "0", "--batch-sizes", "1",
+                                   "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
+                                   "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "dense" in r.stdout and "class 0" in r.stdout
+    assert [row["path"] for row in json.loads(out.read_text())["rows"]] == ["dense", "class 0"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--classes", "7"], "out of range"),
+    (["--classes", "a,b"], "comma-separated"),
+    (["--batch-sizes", "0"], "batch size"),
+    (["--new-tokens", "-1"], "new-tokens"),
+])
+def test_bad_input_is_one_line_exit_2(bundle, args, msg):
+    r = CliRunner().invoke(bench, [str(bundle), *args])
+    assert r.exit_code == 2 and msg in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_missing_path_exit_2(tmp_path):
+    r = CliRunner().invoke(bench, [str(tmp_path / "nope")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ")
+
+
+def test_registered_in_main():
+    from cscompile.cli import main
+
+    assert main.commands.get("bench") is bench
