@@ -183,6 +183,55 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             "storage_dtype": smap.dtype if smap else None, "rows": rows}
 
 
+def runtime_overhead(target, prompt_len=128, new_tokens=32, repeats=3, threads=None,
+                     seed=0) -> dict:
+    """What routing and the refinement monitor cost, as shares of a generate() call.
+
+    Three decodes of one prompt through runtime.generate on the routed class: the static path
+    on masks (execution="masked"), the same path with the monitor on every step but a widen
+    threshold of 1.0 (it selects and measures, and never widens), and the compact path. The
+    monitor's share is (refined - masked) / refined step time; routing's share is the router's
+    classify call over the whole request (its feature is pooled during the dense prefill)."""
+    from cscompile.runtime import RefineConfig, load
+    from cscompile.runtime.generate import encode
+
+    if threads:
+        torch.set_num_threads(threads)
+    session = load(target, device="cpu")
+    if not session.is_bundle:
+        raise UserInputError(f"{target}: routing and refinement overhead needs a bundle")
+    words = "The history of the city begins with a small market town on the river. " * 64
+    ids = encode(session.tokenizer, words, chat=False)[:prompt_len]
+    prompt = session.tokenizer.decode(ids)
+    runs = {}
+    for name, execution, refine in (("masked", "masked", None),
+                                    ("masked+monitor", "masked", RefineConfig(1, 1.0, 1.0)),
+                                    ("compact", "compact", None)):
+        session.execution = execution
+        steps, prefill, total, cls = [], [], [], None
+        for r in range(repeats + 1):  # the first run warms up
+            res = session.generate(prompt, max_new_tokens=new_tokens, refine=refine, seed=seed)
+            if r:
+                steps.append(1e3 * res.decode_s / max(1, len(res.densities)))
+                prefill.append(1e3 * res.prefill_s)
+                total.append(1e3 * (res.prefill_s + res.decode_s))
+            cls = res.class_id
+        runs[name] = {"class_id": cls, "step_ms": _stats(steps), "prefill_ms": _stats(prefill),
+                      "request_ms": _stats(total)}
+    pooled = torch.randn(1, session.model.config.hidden_size)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        session.router.classify(pooled)
+        times.append((time.perf_counter() - t0) * 1e3)
+    route_ms = statistics.median(times)
+    masked, monitored = runs["masked"]["step_ms"]["median"], runs["masked+monitor"]["step_ms"]["median"]
+    return {"runs": runs, "route_ms": route_ms,
+            "route_share": route_ms / runs["compact"]["request_ms"]["median"],
+            "monitor_share": (monitored - masked) / monitored,
+            "compact_vs_monitored_step": runs["compact"]["step_ms"]["median"] / monitored}
+
+
 def _select_classes(session, classes) -> list[int]:
     n = len(session.classes)
     if str(classes).strip().lower() == "all":
@@ -252,9 +301,11 @@ from cscompile.errors import friendly_errors  # noqa: E402
               help="Also write the full result as JSON to this file ('-' for stdout).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Default: cuda when available, else cpu.")
+@click.option("--overhead", is_flag=True,
+              help="Also time routing and the refinement monitor as shares of generate().")
 @friendly_errors
 def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup, threads,
-          json_out, device):
+          json_out, device, overhead):
     """Time prefill and decode of TARGET (a bundle: dense and each class; a model: dense)."""
     import json
     from pathlib import Path
@@ -265,11 +316,19 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                        warmup=warmup, threads=threads, device=device)
+    if overhead:
+        result["overhead"] = runtime_overhead(target, prompt_len, new_tokens, repeats, threads)
     text = json.dumps(result, indent=2)
     if json_out == "-":
         click.echo(text)
         return
     print_bench(result, Console(width=None if sys.stdout.isatty() else 150))
+    if overhead:
+        o = result["overhead"]
+        click.echo("overhead on the routed class (generate, CPU torch): " + ", ".join(
+            f"{k} {v['step_ms']['median']:.2f} ms/step" for k, v in o["runs"].items())
+            + f"; router classify {o['route_ms']:.3f} ms = {o['route_share']:.2%} of a request; "
+            f"monitor {o['monitor_share']:.1%} of a monitored step")
     if json_out:
         Path(json_out).write_text(text + "\n")
         click.echo(f"wrote {json_out}", err=True)

@@ -143,11 +143,11 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
               help="Dense greedy tokens scored on generative rows.")
 @click.option("--calib-rows", default=4, show_default=True, type=click.IntRange(1),
               help="Rows per task for static baselines' calibration (disjoint from evaluated rows).")
-@click.option("--widen-threshold", default=0.1, show_default=True, type=click.FloatRange(0),
-              help="Bundle refinement: widen a token to dense at this off-support energy.")
-@click.option("--inter-keep", default=1.0, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True),
-              help="Bundle refinement: fraction of the class's channels a token keeps.")
+@click.option("--widen-threshold", default="0.1", show_default=True,
+              help="Bundle refinement: widen a token to dense at this off-support energy "
+                   "(comma list: one refined path each, e.g. 0.5,0.3,0.1).")
+@click.option("--inter-keep", default="1.0", show_default=True,
+              help="Bundle refinement: fraction of the class's channels a token keeps (comma list).")
 @click.option("--include-build-rows", is_flag=True,
               help="Do not leave out rows whose prompt built the bundle (not recommended).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
@@ -169,14 +169,13 @@ def eval_cmd(target, data, suite, rows, seed, densities, methods, windows, windo
         if not suite:
             raise UserInputError("give --data FILE_OR_DIR (or --suite for ../shared/data)")
         data = suite_data_dir()
-    try:
-        dens = [float(d) for d in (densities or ("0.75,0.5" if suite else "0.5")).split(",")]
-    except ValueError:
-        raise UserInputError(f"--densities must be comma-separated numbers, got {densities!r}") from None
+    dens = _floats("--densities", densities or ("0.75,0.5" if suite else "0.5"))
+    refines = [RefineConfig(1, w, k) for w in _floats("--widen-threshold", widen_threshold)
+               for k in _floats("--inter-keep", inter_keep)]
     report = run_eval(target, data, rows=rows, seed=seed, densities=dens,
                       methods=[m for m in methods.split(",") if m], windows=windows, window=window,
                       gen_tokens=gen_tokens, calib_rows=calib_rows,
-                      refine=RefineConfig(1, widen_threshold, inter_keep),
+                      refine=refines,
                       include_build_rows=include_build_rows, progress=True)
     click.echo(markdown(report))
     out = out or ("results" if suite else None)
@@ -186,6 +185,13 @@ def eval_cmd(target, data, suite, rows, seed, densities, methods, windows, windo
             err_console.print(f"wrote {path}")
     if not report["checks"].get("full_path_equals_dense", True):
         raise click.ClickException("the full-density bundle path does not equal the dense model")
+
+
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserInputError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
 def print_bundle_summary(path, console: Console) -> None:

@@ -262,13 +262,15 @@ class ClassPath:
         return logits, per_token / smap.total_bytes, widened, energy.cpu()
 
 
-def bundle_methods(session, refine) -> list[Method]:
-    """The bundle's routed class path (refinement off, and on with `refine`)."""
+def refine_key(cfg) -> str:
+    return f"bundle+refine(w={cfg.widen_threshold:g},k={cfg.inter_keep:g})"
+
+
+def bundle_methods(session, refines) -> list[Method]:
+    """The bundle's routed class path: refinement off, and on with each config in `refines`."""
     from .runtime.generate import _PathHooks
 
     smap, model = session.smap, session.model
-    paths = {c.id: ClassPath(model, smap, c.support) for c in session.classes}
-    refined = {c.id: ClassPath(model, smap, c.support, refine) for c in session.classes}
 
     def route(ids, p):
         hooks = _PathHooks(model, smap, None, None, session.router.layer)
@@ -291,9 +293,10 @@ def bundle_methods(session, refine) -> list[Method]:
         method.run = run
         return method
 
-    out = [make(paths, "bundle")]
-    if refine is not None:
-        out.append(make(refined, "bundle+refine"))
+    out = [make({c.id: ClassPath(model, smap, c.support) for c in session.classes}, "bundle")]
+    for cfg in refines:
+        out.append(make({c.id: ClassPath(model, smap, c.support, cfg) for c in session.classes},
+                        refine_key(cfg)))
     return out
 
 
@@ -422,9 +425,11 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
 
     method_list = [dense_method(model)]
     checks = {}
+    if refine is None:
+        refine = [RefineConfig()]
+    refines = [refine] if isinstance(refine, RefineConfig) else list(refine)
     if is_bundle:
-        refine = refine or RefineConfig()
-        bundle = bundle_methods(session, refine)
+        bundle = bundle_methods(session, refines)
         method_list += bundle
         mean_kept = float(np.mean([c.support.kept_bytes(smap) for c in session.classes]))
         attn_all = smap.prunable_bytes() - ffn_bytes
@@ -462,7 +467,7 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
         "args": {"rows": rows, "seed": seed, "densities": [float(d) for d in densities],
                  "windows": windows, "window": window, "gen_tokens": gen_tokens,
                  "calib_rows": calib_rows, "max_len": max_len, "methods": names,
-                 "refine": None if refine is None else asdict(refine)},
+                 "refine": [asdict(r) for r in refines] if is_bundle else None},
         "methods": [{"key": _key(m), "name": m.name, "kind": m.kind, "density": m.density,
                      **({"stats": _summarise_stats(m.stats)} if m.stats else {})} for m in method_list],
         "sets": results, "checks": checks, "published": _published(smap.model_id, results),

@@ -86,3 +86,13 @@ def test_registered_in_main():
     from cscompile.cli import main
 
     assert main.commands.get("bench") is bench
+
+
+def test_runtime_overhead_shares(bundle):
+    from cscompile.bench import runtime_overhead
+
+    o = runtime_overhead(str(bundle), prompt_len=16, new_tokens=4, repeats=1)
+    assert set(o["runs"]) == {"masked", "masked+monitor", "compact"}
+    assert o["route_ms"] > 0 and 0 < o["route_share"] < 1
+    assert o["monitor_share"] < 1  # a share of the monitored step (may be ~0 or noisy-negative)
+    assert len({r["class_id"] for r in o["runs"].values()}) == 1  # one prompt, one route

@@ -98,12 +98,12 @@ def test_refinement_extremes_and_build_rows_left_out(bundle, tmp_path):
     assert s["skipped_build_rows"] > 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert s["skipped_build_rows"] == manifest["calibration"]["n_build"]
-    refined, static = s["methods"]["bundle+refine"], s["methods"]["bundle"]
+    refined, static = s["methods"]["bundle+refine(w=0,k=1)"], s["methods"]["bundle"]
     assert refined["kl"] == 0.0 and refined["top1"] == 1.0  # threshold 0: every token dense
     assert refined["bytes"] > 1.0 > static["bytes"]  # ... and it paid for the attempt too
     never = run_eval(str(bundle), data, methods=["random"], refine=RefineConfig(1, math.inf, 1.0), **SMALL)
     m = never["sets"]["calib"]["methods"]
-    assert m["bundle+refine"]["kl"] == m["bundle"]["kl"] > 0
+    assert m["bundle+refine(w=inf,k=1)"]["kl"] == m["bundle"]["kl"] > 0
     # baselines at the bundle's bytes
     assert abs(m["random@%.2f" % never["args"]["densities"][0]]["bytes"] - m["bundle"]["bytes"]) < 0.02
 
