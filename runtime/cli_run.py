@@ -32,7 +32,8 @@ def _stats_line(r) -> str:
     widened = sum(1 for x in r.refinements if x["action"] == "widen")
     return (f"class {r.class_id} ({r.path} path) | prompt {r.prompt_tokens} tok, prefill "
             f"{r.prefill_s * 1e3:.1f} ms | {len(r.token_ids)} new tok, decode "
-            f"{r.decode_tokens_per_s:.1f} tok/s | mean density {mean(r.densities):.3f}, "
+            f"{r.decode_tokens_per_s:.1f} tok/s (batch {r.batch_size}) | mean density "
+            f"{mean(r.densities):.3f}, "
             f"{mean(r.bytes_per_token) / 1e6:.3f} MB/token over {n} steps | refinements "
             f"{len(r.refinements)} ({widened} widened) | stop: {r.finish_reason}")
 
@@ -44,6 +45,9 @@ def _stats_line(r) -> str:
               help="JSON Lines prompts ({\"prompt\": ...} per line) to run as a batch.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, writable=True),
               help="Where a batch writes one JSON line per prompt (default: stdout).")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
+              help="With --input: decode up to N prompts routed to the same class together "
+                   "(one forward per step); each prompt's output is what it gets alone.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
               help="0 = greedy.")
@@ -63,12 +67,13 @@ def _stats_line(r) -> str:
 @click.option("--inter-keep", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Fraction of the class's FFN channels a refined token keeps (default 1).")
 @friendly_errors
-def run(target, prompt, input_path, output_path, max_new_tokens, temperature, top_p, seed,
-        chat, dense, stats, backend, refine_every, widen_threshold, inter_keep):
+def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
+        top_p, seed, chat, dense, stats, backend, refine_every, widen_threshold, inter_keep):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
-    line; with neither, each line of stdin is a prompt.
+    line, in input order (--batch-size N batches prompts of the same class); with neither,
+    each line of stdin is a prompt.
     """
     from . import load
 
@@ -76,6 +81,8 @@ def run(target, prompt, input_path, output_path, max_new_tokens, temperature, to
         raise UserInputError("give either --prompt or --input, not both")
     if output_path is not None and input_path is None:
         raise UserInputError("--output needs --input (a batch of prompts)")
+    if batch_size > 1 and input_path is None:
+        raise UserInputError("--batch-size needs --input (a batch of prompts)")
     refine = _refine_config(refine_every, widen_threshold, inter_keep)
     rows = None
     if input_path is not None:  # read the batch before the (slower) model load
@@ -91,8 +98,12 @@ def run(target, prompt, input_path, output_path, max_new_tokens, temperature, to
     if rows is not None:
         out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
         try:
-            for row in rows:
-                r = session.generate(row.prompt, **gen)
+            # batch size 1: one prompt at a time, each line written as soon as it is done;
+            # larger: generate_batch groups prompts by class, lines still in input order
+            results = (session.generate(row.prompt, **gen) for row in rows) if batch_size == 1 \
+                else session.generate_batch([row.prompt for row in rows], batch_size=batch_size,
+                                            **gen)
+            for row, r in zip(rows, results):
                 line = {"prompt": row.prompt, **({"id": row.extra["id"]} if "id" in row.extra
                                                  else {}), **r.to_json()}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")

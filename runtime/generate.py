@@ -16,13 +16,39 @@ Semantics (torch backend):
     on the dense model, so a widened token is exactly a dense step.
 This is what a no-cache recomputation gives when positions < prompt length run dense and each
 generated position runs on the support chosen for it (tests/test_runtime.py checks that).
+
+Batches (`generate_batch(session, prompts, batch_size=8, ...)`, results in input order):
+  * each prompt is prefilled alone (batch 1) and routed, exactly as `generate` does, so its
+    class and first token are the single-prompt ones;
+  * rows that share a path form a group: one group per routed class, and one for the dense path
+    (`dense=True`, or a plain model). A group decodes in chunks of up to `batch_size` rows, in
+    input order, with ONE forward per step over the chunk: the prefill caches are left-padded to
+    the longest prompt, an attention mask hides the padding and position_ids = cumsum(mask) - 1
+    give every row its own positions. So each row's tokens are what single-prompt `generate`
+    gives for it (up to float reordering; greedy ids are identical on stories260K in fp32).
+    Grouping, not the union of the chunk's supports: the union reads more bytes than either
+    class and changes each row's outputs vs its single-prompt path, grouping keeps them;
+  * static class paths batch in both executions (compact: the class's reduced copy with the
+    stacked cache sliced once; masked: the hooks, applied to every row alike). A chunk decodes
+    as soon as it is full, so about (groups x batch_size) prefill caches are held at once. A
+    cache with sliding-window (or other non-plain) layers is not stacked: rows decode alone;
+  * a row that finishes (eos, length, context) stops being recorded but keeps computing, fed
+    its last token at a masked position, until its chunk finishes;
+  * refinement is NOT batched: with an active refine config every class-path row is decoded
+    alone by the single-prompt loop (its Result says batch_size=1); dense rows still batch,
+    since refinement never touches the dense path. A chunk of one row also runs that loop;
+  * sampling: every row draws from its own generator seeded with `seed`, as if generated alone;
+  * each Result keeps its own stats (class, densities, energy, bytes per token, finish reason)
+    and prefill_s; decode_s is its chunk's decode seconds and `batch_size` the rows of the
+    chunk, so decode_tokens_per_s is the row's own steps over the chunk's time (the chunk's
+    throughput is the sum over its rows).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -49,6 +75,8 @@ class Result:
     tokens_per_s: float  # generated tokens / (prefill + decode)
     decode_tokens_per_s: float  # decode steps / decode seconds
     finish_reason: str  # eos | length | context
+    batch_size: int = 1  # rows decoded together, one forward per step (generate_batch); 1 =
+    # decoded alone: a single prompt, a refined class path, or a chunk of one row
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,6 +93,8 @@ class _PathHooks:
         self.energy: dict[int, float] = {}
         self.kept: dict[int, int] = {}
         self.pooled = None
+        self.per_row = False  # also keep each row's energy fraction (batched decode)
+        self.row_energy: dict[int, torch.Tensor] = {}
         self.capture = router_layer is not None
         self._handles = []
         kept_layers = set(support.kept_layers(smap)) if support else set(range(smap.n_layers))
@@ -111,6 +141,8 @@ class _PathHooks:
             else:
                 keep = c.to(h.dtype).expand_as(flat)
             self.energy[li] = energy_fraction(flat, keep)
+            if self.per_row:
+                self.row_energy[li] = _row_energy_fractions(flat, keep)
             self.kept[li] = int(keep[-1].sum())
             return ((flat * keep).view_as(h), *args[1:])
         return hook
@@ -152,6 +184,15 @@ def slice_cache(cache, model, smap, support):
             k, v = k.index_select(1, sel), v.index_select(1, sel)
         new.update(k, v, idx)
     return new
+
+
+def _row_energy_fractions(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row of h [N, W]: sum(h^2 on keep) / sum(h^2), 1.0 for an all-zero row (what
+    refine.energy_fraction takes the minimum of)."""
+    sq = h.float().square()
+    total = sq.sum(-1)
+    on = (sq * keep.float()).sum(-1)
+    return torch.where(total > 0, on / total.clamp_min(1e-30), torch.ones_like(total))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -216,60 +257,131 @@ class _Streamer:
 
 
 # ----------------------------------------------------------------------------- the loop
-@torch.no_grad()
-def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-             dense: bool = False, refine: RefineConfig | None = None, stream=None) -> Result:
-    """Prefill dense, route, then decode on the class path (see the module docstring)."""
-    from transformers import DynamicCache
+@dataclass
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    refine: RefineConfig | None  # None when absent or inactive
+    eos: set[int]
+    keep_last: dict
+    ctx: int | None
 
+    def generator(self, device) -> torch.Generator | None:
+        return torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
+
+
+def _options(session, max_new_tokens, temperature, top_p, seed, refine) -> _Options:
     _check_args(max_new_tokens, temperature, top_p)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        session.model.forward).parameters else {}
+    return _Options(max_new_tokens, temperature, top_p, seed,
+                    refine if refine is not None and refine.active else None,
+                    _eos_ids(session), keep_last, session.context_length)
+
+
+def _prompt_ids(session, prompt, chat: bool) -> list[int]:
     ids = encode(session.tokenizer, prompt, chat)
     ctx = session.context_length
     if ctx and len(ids) >= ctx:
         raise UserInputError(f"prompt has {len(ids)} tokens; the model's context holds {ctx}, "
                              f"leaving no room to generate")
-    model, smap, dev = session.model, session.smap, session.device
-    refine = refine if refine is not None and refine.active else None
-    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    eos = _eos_ids(session)
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        model.forward).parameters else {}
-    hooks = None
-    if session.is_bundle:
-        hooks = _PathHooks(model, smap, None, None, session.router.layer)
-    total_bytes = smap.total_bytes if smap else sum(
-        p.numel() * p.element_size() for p in model.parameters())
+    return ids
 
-    # prefill (dense) + routing measurement
+
+@dataclass
+class _Prefilled:
+    """One prompt after its dense prefill: the cache, the last logits and its class."""
+
+    ids: list[int]
+    class_id: int | None
+    logits: torch.Tensor  # [V] at the last prompt position
+    cache: object  # DynamicCache of the dense model, batch 1
+    prefill_s: float
+
+
+def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
+    """Dense prefill with a KV cache; the router's measurement is captured in the same forward."""
+    from transformers import DynamicCache
+
+    model, smap = session.model, session.smap
+    hooks = _PathHooks(model, smap, None, None, session.router.layer) if session.is_bundle \
+        else None
     t0 = time.perf_counter()
     cache = DynamicCache(config=model.config)
     try:
-        out = model(input_ids=torch.tensor([ids], device=dev), past_key_values=cache,
-                    use_cache=True, **keep_last)
+        out = model(input_ids=torch.tensor([ids], device=session.device), past_key_values=cache,
+                    use_cache=True, **opts.keep_last)
     finally:
         if hooks:
             hooks.remove()
     class_id = None
     if session.is_bundle:
         class_id = int(session.router.classify(hooks.pooled.cpu())[0])
-    prefill_s = time.perf_counter() - t0
+    return _Prefilled(ids, class_id, out.logits[0, -1], cache, time.perf_counter() - t0)
 
-    use_class = class_id is not None and not dense
-    cls = session.classes[class_id] if use_class else None
+
+class _Path:
+    """The decode path of a routed row: its class (compact copy or masks) or the dense model,
+    and the byte accounting of its steps."""
+
+    def __init__(self, session, class_id, dense: bool, refine: RefineConfig | None):
+        smap = session.smap
+        self.use_class = class_id is not None and not dense
+        self.cls = session.classes[class_id] if self.use_class else None
+        self.compact = (session.compact_model(class_id) if self.use_class and refine is None
+                        and session.execution == "compact" else None)
+        self.total_bytes = smap.total_bytes if smap else sum(
+            p.numel() * p.element_size() for p in session.model.parameters())
+        if self.use_class:
+            sup = self.cls.support
+            self.class_bytes = smap.unprunable_bytes() + sup.kept_bytes(smap)
+            self.kept_layers = sup.kept_layers(smap)
+            self.attn_bytes = sup.kept_bytes(smap) - sum(
+                len(sup.channels.get(li, range(smap.layers[li].ffn.width)))
+                * smap.channel_bytes(li) for li in self.kept_layers if smap.layers[li].ffn)
+
+    @property
+    def name(self) -> str:
+        return "class" if self.use_class else "dense"
+
+
+def _result(session, pre: _Prefilled, path: _Path, generated, densities, energy, nbytes, log,
+            decode_s, finish, batch_size) -> Result:
+    n_steps = len(densities)
+    return Result(
+        text=session.tokenizer.decode(generated, skip_special_tokens=True),
+        token_ids=generated, prompt_tokens=len(pre.ids), class_id=pre.class_id,
+        path=path.name, densities=densities, energy=energy, bytes_per_token=nbytes,
+        refinements=log, prefill_s=pre.prefill_s, decode_s=decode_s,
+        tokens_per_s=len(generated) / max(pre.prefill_s + decode_s, 1e-9),
+        decode_tokens_per_s=n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
+        finish_reason=finish, batch_size=batch_size)
+
+
+@torch.no_grad()
+def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+             dense: bool = False, refine: RefineConfig | None = None, stream=None) -> Result:
+    """Prefill dense, route, then decode on the class path (see the module docstring)."""
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
+    pre = _prefill(session, _prompt_ids(session, prompt, chat), opts)
+    return _decode_one(session, pre, _Path(session, pre.class_id, dense, opts.refine), opts,
+                       stream)
+
+
+def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -> Result:
+    """The single-row decode loop: static class path, refinement, or dense."""
+    model, smap, dev = session.model, session.smap, session.device
+    refine, keep_last, cls = opts.refine, opts.keep_last, path.cls
+    gen = opts.generator(dev)
+    cache, pre.cache = pre.cache, None
     hooks, step_model = None, model
-    compact = (session.compact_model(class_id) if use_class and refine is None
-               and session.execution == "compact" else None)
-    if compact is not None:  # decode on the reduced copy, with the cache sliced to match
-        step_model, cache = compact, slice_cache(cache, model, smap, cls.support)
-    elif use_class:
+    if path.compact is not None:  # decode on the reduced copy, with the cache sliced to match
+        step_model, cache = path.compact, slice_cache(cache, model, smap, cls.support)
+    elif path.use_class:
         hooks = _PathHooks(model, smap, cls.support, refine)
-    if use_class:
-        class_bytes = smap.unprunable_bytes() + cls.support.kept_bytes(smap)
-        kept_layers = cls.support.kept_layers(smap)
-        attn_bytes = cls.support.kept_bytes(smap) - sum(
-            len(cls.support.channels.get(li, range(smap.layers[li].ffn.width)))
-            * smap.channel_bytes(li) for li in kept_layers if smap.layers[li].ffn)
 
     streamer = _Streamer(session.tokenizer, stream)
     generated, densities, energy, nbytes, log = [], [], [], [], []
@@ -282,20 +394,20 @@ def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float 
     finish = "length"
     t1 = time.perf_counter()
     try:
-        token = sample(out.logits[0, -1], temperature, top_p, gen)
-        for step in range(max_new_tokens):
+        token = sample(pre.logits, opts.temperature, opts.top_p, gen)
+        for step in range(opts.max_new_tokens):
             generated.append(token)
             streamer.push(generated)
-            if token in eos:
+            if token in opts.eos:
                 finish = "eos"
                 break
-            if len(generated) == max_new_tokens:
+            if len(generated) == opts.max_new_tokens:
                 break
-            if ctx and len(ids) + len(generated) >= ctx:
+            if opts.ctx and len(pre.ids) + len(generated) >= opts.ctx:
                 finish = "context"
                 break
             mode = "dense"
-            if use_class:
+            if path.use_class:
                 mode = "refine" if refine and refine.refines_step(step) else "class"
             if hooks:
                 hooks.mode = mode
@@ -303,16 +415,17 @@ def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float 
             out = step_model(input_ids=step_in, past_key_values=cache, use_cache=True,
                              **keep_last)
             if mode == "dense":
-                record(1.0, 1.0, total_bytes)
+                record(1.0, 1.0, path.total_bytes)
             elif mode == "class":  # the compact model never sees the full intermediate
                 record(cls.density, min(hooks.energy.values(), default=1.0) if hooks else None,
-                       class_bytes)
+                       path.class_bytes)
             else:
                 e = min(hooks.energy.values(), default=1.0)
-                kept = refined_support_bytes(smap, attn_bytes, kept_layers, hooks.kept)
+                kept = refined_support_bytes(smap, path.attn_bytes, path.kept_layers,
+                                             hooks.kept)
                 density = kept / smap.prunable_bytes()
                 step_bytes = (smap.unprunable_bytes() + kept
-                              + measurement_bytes(smap, kept_layers, hooks.kept))
+                              + measurement_bytes(smap, path.kept_layers, hooks.kept))
                 action = "keep"
                 if refine.widens(e):  # recompute this token densely
                     action, density = "widen", 1.0
@@ -320,21 +433,164 @@ def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float 
                     hooks.mode = "dense"
                     out = model(input_ids=step_in, past_key_values=cache, use_cache=True,
                                 **keep_last)
-                    step_bytes += total_bytes
+                    step_bytes += path.total_bytes
                 record(density, e, step_bytes)
                 log.append({"token": len(generated), "action": action, "energy": e,
                             "density": density})
-            token = sample(out.logits[0, -1], temperature, top_p, gen)
+            token = sample(out.logits[0, -1], opts.temperature, opts.top_p, gen)
+    finally:
+        if hooks:
+            hooks.remove()
+    return _result(session, pre, path, generated, densities, energy, nbytes, log,
+                   time.perf_counter() - t1, finish, 1)
+
+
+# ----------------------------------------------------------------------------- batches
+def _batchable(cache) -> bool:
+    """Whether a prefill cache can be left-padded and stacked: plain full-attention layers
+    only (a sliding-window or other special layer decodes row by row instead)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _stack_caches(config, caches, length: int):
+    """One DynamicCache [B, H, length, D] per layer: the rows' batch-1 caches left-padded with
+    zeros to `length` (the padding is hidden by the attention mask)."""
+    from transformers import DynamicCache
+
+    new = DynamicCache(config=config)
+    for idx, layer in enumerate(caches[0].layers):
+        if not layer.is_initialized:
+            continue
+        ks, vs = [], []
+        for c in caches:
+            k, v = c.layers[idx].keys, c.layers[idx].values
+            pad = (0, 0, length - k.shape[-2], 0)
+            ks.append(torch.nn.functional.pad(k, pad))
+            vs.append(torch.nn.functional.pad(v, pad))
+        new.update(torch.cat(ks), torch.cat(vs), idx)
+    return new
+
+
+def _decode_chunk(session, rows: list[_Prefilled], path: _Path, opts: _Options,
+                  streams) -> list[Result]:
+    """Decode rows that share a static path (one class, or dense) with one forward per step."""
+    model, smap, dev = session.model, session.smap, session.device
+    cls, n = path.cls, len(rows)
+    width = max(len(r.ids) for r in rows)
+    cache = _stack_caches(model.config, [r.cache for r in rows], width)
+    mask = torch.zeros(n, width, dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        r.cache = None
+        mask[i, width - len(r.ids):] = 1
+    hooks, step_model = None, model
+    if path.compact is not None:
+        step_model, cache = path.compact, slice_cache(cache, model, smap, cls.support)
+    elif path.use_class:
+        hooks = _PathHooks(model, smap, cls.support, None)
+        hooks.mode, hooks.per_row = "class", True
+
+    gens = [opts.generator(dev) for _ in rows]
+    streamers = [_Streamer(session.tokenizer, s) for s in streams]
+    generated = [[] for _ in rows]
+    densities, energy, nbytes = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
+    finish, live = ["length"] * n, [True] * n
+    t1 = time.perf_counter()
+    try:
+        tokens = [sample(r.logits, opts.temperature, opts.top_p, g) for r, g in zip(rows, gens)]
+        for _ in range(opts.max_new_tokens):
+            for i, r in enumerate(rows):
+                if not live[i]:
+                    continue
+                generated[i].append(tokens[i])
+                streamers[i].push(generated[i])
+                if tokens[i] in opts.eos:
+                    finish[i], live[i] = "eos", False
+                elif len(generated[i]) == opts.max_new_tokens:
+                    live[i] = False
+                elif opts.ctx and len(r.ids) + len(generated[i]) >= opts.ctx:
+                    finish[i], live[i] = "context", False
+            if not any(live):
+                break
+            # finished rows keep computing, fed their last token, outputs unused; their new
+            # position is masked so their position_ids stay inside the context (learned
+            # position embeddings have no row past it)
+            mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]],
+                             dim=1)
+            out = step_model(input_ids=torch.tensor(tokens, device=dev)[:, None],
+                             attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                             past_key_values=cache, use_cache=True, **opts.keep_last)
+            for i in range(n):
+                if not live[i]:
+                    continue
+                if path.use_class:
+                    e = (min((float(t[i]) for t in hooks.row_energy.values()), default=1.0)
+                         if hooks else None)
+                    step = (cls.density, e, path.class_bytes)
+                else:
+                    step = (1.0, 1.0, path.total_bytes)
+                densities[i].append(step[0])
+                energy[i].append(step[1])
+                nbytes[i].append(step[2])
+                tokens[i] = sample(out.logits[i, -1], opts.temperature, opts.top_p, gens[i])
     finally:
         if hooks:
             hooks.remove()
     decode_s = time.perf_counter() - t1
-    n_steps = len(densities)
-    return Result(
-        text=session.tokenizer.decode(generated, skip_special_tokens=True),
-        token_ids=generated, prompt_tokens=len(ids), class_id=class_id,
-        path="class" if use_class else "dense", densities=densities, energy=energy,
-        bytes_per_token=nbytes, refinements=log, prefill_s=prefill_s, decode_s=decode_s,
-        tokens_per_s=len(generated) / max(prefill_s + decode_s, 1e-9),
-        decode_tokens_per_s=n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
-        finish_reason=finish)
+    return [_result(session, r, path, generated[i], densities[i], energy[i], nbytes[i], [],
+                    decode_s, finish[i], n) for i, r in enumerate(rows)]
+
+
+@torch.no_grad()
+def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   chat: bool = False, dense: bool = False, refine: RefineConfig | None = None,
+                   stream=None) -> list[Result]:
+    """Generate for every prompt, batching rows routed to the same path (see the module
+    docstring); results in input order. `stream`, if given, is called as stream(index, text).
+
+    A chunk decodes as soon as it holds `batch_size` rows, so at most about
+    (groups x batch_size) prefill caches are held at once."""
+    if isinstance(prompts, str):
+        raise UserInputError("generate_batch takes a list of prompts, not one string")
+    if batch_size < 1:
+        raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
+    all_ids = []
+    for i, prompt in enumerate(prompts):  # refuse bad input before any compute
+        try:
+            all_ids.append(_prompt_ids(session, prompt, chat))
+        except UserInputError as e:
+            raise UserInputError(f"prompt {i}: {e}") from None
+
+    def stream_for(i):
+        return None if stream is None else (lambda piece: stream(i, piece))
+
+    results: list[Result | None] = [None] * len(all_ids)
+    pending: dict[object, list[tuple[int, _Prefilled, _Path]]] = {}
+
+    def flush(key):
+        chunk = pending.pop(key)
+        if len(chunk) == 1:
+            i, pre, path = chunk[0]
+            results[i] = _decode_one(session, pre, path, opts, stream_for(i))
+            return
+        done = _decode_chunk(session, [pre for _, pre, _ in chunk], chunk[0][2], opts,
+                             [stream_for(i) for i, _, _ in chunk])
+        for (i, _, _), r in zip(chunk, done):
+            results[i] = r
+
+    for i, ids in enumerate(all_ids):
+        pre = _prefill(session, ids, opts)
+        path = _Path(session, pre.class_id, dense, opts.refine)
+        if batch_size == 1 or (path.use_class and opts.refine) or not _batchable(pre.cache):
+            results[i] = _decode_one(session, pre, path, opts, stream_for(i))
+            continue
+        key = ("class", pre.class_id) if path.use_class else ("dense",)
+        pending.setdefault(key, []).append((i, pre, path))
+        if len(pending[key]) == batch_size:
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return results

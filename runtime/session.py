@@ -82,6 +82,18 @@ class Session:
                         top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
                         stream=stream)
 
+    def generate_batch(self, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                       chat: bool = False, dense: bool = False, refine=None, stream=None):
+        """Generate for several prompts, rows of the same class decoded together in chunks of
+        `batch_size`; results in input order. See runtime.generate.generate_batch."""
+        from .generate import generate_batch
+
+        return generate_batch(self, prompts, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
+                              stream=stream)
+
 
 def load(path, backend: str = "auto", device=None, execution: str = "compact") -> Session:
     """Open a bundle directory (or, failing that, a model) as a ready-to-generate Session."""

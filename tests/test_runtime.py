@@ -294,3 +294,161 @@ def test_cli_bad_input_exits_2_with_one_line(case, bundle, tmp_path):
     r = CliRunner().invoke(run, [target, "--prompt", prompt, "--max-new-tokens", "2"])
     assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- batches
+# different lengths; on the stories260K bundle they route to several classes, some shared
+BATCH = ["Once upon a time, a little fox", "Tom has 12 apples and buys 7 more.", "The dog",
+         "Write a Python function that", "Lily went to the park and saw a big red ball",
+         "Sara reads 15 pages a day. How many pages does she read in 6 days?"]
+
+
+def _chunk_sizes(keys, batch_size):
+    """Per row: the size of the chunk it decodes in, grouping rows by path key in input
+    order (what generate_batch promises)."""
+    sizes, groups = [0] * len(keys), {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    for rows in groups.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            for i in chunk:
+                sizes[i] = len(chunk)
+    return sizes
+
+
+def _same_row(a, b):
+    """b (from a batch) is a's single-prompt result, timings and batch size aside."""
+    assert b.token_ids == a.token_ids and b.text == a.text
+    for f in ("prompt_tokens", "class_id", "path", "densities", "bytes_per_token",
+              "refinements", "finish_reason"):
+        assert getattr(b, f) == getattr(a, f), f
+    assert b.energy == pytest.approx(a.energy, abs=1e-6) if a.energy and a.energy[0] is not None \
+        else b.energy == a.energy
+
+
+@pytest.mark.parametrize("case", ["compact", "masked", "dense"])
+def test_batch_equals_single_prompt_generate(session, masked_session, case):
+    s = masked_session if case == "masked" else session
+    kw = {"dense": True} if case == "dense" else {}
+    single = [s.generate(p, max_new_tokens=N_NEW, **kw) for p in BATCH]
+    calls = []  # (model, input shape) of every forward
+    models = {"dense": s.model, **{c: m for c, m in s._compact.items() if m is not None}}
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args, kwargs, name=name: calls.append((name, kwargs["input_ids"].shape)),
+        with_kwargs=True) for name, m in models.items()]
+    try:
+        batch = s.generate_batch(BATCH, batch_size=2, max_new_tokens=N_NEW, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(batch) == len(BATCH)
+    for a, b in zip(single, batch):  # input order, row by row
+        _same_row(a, b)
+    keys = [("dense",) if case == "dense" else ("class", r.class_id) for r in single]
+    assert [r.batch_size for r in batch] == _chunk_sizes(keys, 2)
+    assert len({r.class_id for r in single}) > 1 and max(r.batch_size for r in batch) == 2
+    assert all(r.decode_s > 0 for r in batch)
+    chunks = sum(1 for r in batch if r.batch_size == 2) // 2
+    # the dense model runs the prefills, one per prompt; each decode step of a 2-row chunk is
+    # one forward, on the dense model (masked, dense) or on the class's reduced copy (compact)
+    assert [name for name, shape in calls if shape[1] > 1] == ["dense"] * len(BATCH)
+    steps2 = [name for name, shape in calls if shape == (2, 1)]
+    assert len(steps2) == chunks * (N_NEW - 1)
+    assert all((name != "dense") == (case == "compact") for name in steps2)
+
+
+def test_batch_row_finishing_early_keeps_the_others(session):
+    ids = session.tokenizer("Once upon a time " * 200)["input_ids"]
+    near_ctx = session.tokenizer.decode(ids[1:session.context_length - 6])
+    prompts = ["The dog", near_ctx, BATCH[0]]
+    single = [session.generate(p, max_new_tokens=N_NEW, dense=True) for p in prompts]
+    assert [r.finish_reason for r in single] == ["length", "context", "length"]
+    batch = session.generate_batch(prompts, batch_size=3, max_new_tokens=N_NEW, dense=True)
+    for a, b in zip(single, batch):
+        _same_row(a, b)
+    assert [r.batch_size for r in batch] == [3, 3, 3]
+
+
+def test_batch_size_one_is_generate(session):
+    single = [session.generate(p, max_new_tokens=N_NEW) for p in BATCH[:3]]
+    batch = session.generate_batch(BATCH[:3], batch_size=1, max_new_tokens=N_NEW)
+    for a, b in zip(single, batch):
+        _same_row(a, b)
+        assert a.batch_size == b.batch_size == 1
+
+
+def test_batch_sampling_is_per_row_seeded(session):
+    kw = dict(max_new_tokens=N_NEW, temperature=1.0, seed=7, dense=True)
+    single = [session.generate(p, **kw) for p in BATCH[:3]]
+    batch = session.generate_batch(BATCH[:3], batch_size=3, **kw)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.batch_size for r in batch] == [3, 3, 3]
+
+
+def test_refined_batch_falls_back_to_per_row(session):
+    cfg = RefineConfig(every=2, widen_threshold=0.6, inter_keep=0.5)
+    single = [session.generate(p, max_new_tokens=N_NEW, refine=cfg) for p in BATCH[:4]]
+    batch = session.generate_batch(BATCH[:4], batch_size=4, max_new_tokens=N_NEW, refine=cfg)
+    assert any(r.refinements for r in single)
+    for a, b in zip(single, batch):
+        _same_row(a, b)
+        assert b.batch_size == 1  # decoded alone
+    dense = session.generate_batch(BATCH[:2], batch_size=2, max_new_tokens=4, refine=cfg,
+                                   dense=True)  # refinement never touches the dense path
+    assert [r.batch_size for r in dense] == [2, 2] and not any(r.refinements for r in dense)
+
+
+def test_batch_bad_input_refused(session):
+    with pytest.raises(UserInputError, match="prompt 1: empty prompt"):
+        session.generate_batch([BATCH[0], "  "])
+    with pytest.raises(UserInputError, match="batch_size"):
+        session.generate_batch(BATCH[:2], batch_size=0)
+    with pytest.raises(UserInputError, match="list of prompts"):
+        session.generate_batch(BATCH[0])
+    assert session.generate_batch([]) == []
+
+
+def test_cli_batch_size_keeps_one_line_per_prompt_in_order(session, bundle, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = BATCH[:4]
+    inp.write_text("".join(json.dumps({"prompt": p, "id": 10 + i}) + "\n"
+                           for i, p in enumerate(prompts)))
+    r = CliRunner().invoke(run, [str(bundle), "--input", str(inp), "--output", str(out),
+                                 "--max-new-tokens", "8", "--batch-size", "2", "--stats"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [10, 11, 12, 13]
+    assert [row["prompt"] for row in rows] == prompts
+    for p, row in zip(prompts, rows):
+        assert row["token_ids"] == session.generate(p, max_new_tokens=8).token_ids
+    keys = [("class", row["class_id"]) for row in rows]
+    assert [row["batch_size"] for row in rows] == _chunk_sizes(keys, 2)
+    assert len(r.stderr.strip().splitlines()) == 4 and "batch" in r.stderr
+    r = CliRunner().invoke(run, [str(bundle), "--prompt", "x", "--batch-size", "2"])
+    assert r.exit_code == 2 and "--batch-size needs --input" in r.stderr
+
+
+class _CharTokenizer:
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(c) % 100 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+def test_batch_finished_row_stays_inside_learned_positions(tiny):
+    """A row stopped by the context keeps computing in its chunk; with learned position
+    embeddings (gpt2, 128 positions) its positions must not run past the table."""
+    from cscompile.runtime import Session
+
+    s = Session(tiny("gpt2")[0].model, _CharTokenizer())
+    prompts = ["x" * 120, "hello world", "abc"]
+    single = [s.generate(p, max_new_tokens=12) for p in prompts]
+    assert single[0].finish_reason == "context"
+    batch = s.generate_batch(prompts, batch_size=3, max_new_tokens=12)
+    for a, b in zip(single, batch):
+        _same_row(a, b)
+    assert [r.batch_size for r in batch] == [3, 3, 3] and {r.path for r in batch} == {"dense"}
