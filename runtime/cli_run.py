@@ -57,8 +57,9 @@ def _stats_line(r) -> str:
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--dense", is_flag=True, help="Decode on the dense model (no class path).")
 @click.option("--stats", is_flag=True, help="Print class, density, speed and bytes to stderr.")
-@click.option("--backend", type=click.Choice(["auto", "torch"]), default="auto",
-              show_default=True, help="auto = torch (the Triton kernels are not wired in yet).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+              show_default=True, help="auto = triton on a CUDA GPU (FFN decode kernels on the "
+                                      "class path), torch elsewhere.")
 @click.option("--refine-every", type=click.IntRange(1), default=None,
               help="Refine the FFN support every r decode tokens (turns refinement on).")
 @click.option("--widen-threshold", type=click.FloatRange(0), default=None,

@@ -7,9 +7,10 @@ a model instead of a bundle (a named model, an HF directory, ...), the session r
 
 Backends: `torch` runs a static class path on a physically reduced copy of the model
 (`reduce_model`, built lazily per class and cached; execution="compact") or as masks over the
-dense weights (execution="masked", also what refinement uses), on CPU or GPU. `auto` is `torch`
-everywhere for now: the Triton kernels of `cscompile.codegen` are not wired into the decode
-loop yet, so `triton` is refused with a clear error rather than silently falling back.
+dense weights (execution="masked", also what refinement uses), on CPU or GPU. `triton` is the
+same compact copy with its FFNs running the lowering's `ffn_decode` kernel at decode steps
+(runtime.triton_backend); masked execution and refinement stay torch. `auto` picks triton on a
+CUDA GPU and torch elsewhere; an explicit `triton` on CPU needs TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cscompile.errors import BundleError, UserInputError
 from cscompile.execute import Support
 from cscompile.structure import StructureMap
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -64,6 +65,10 @@ class Session:
                     model = reduce_model(self.model, self.smap, support).eval()
                 except UserInputError:
                     model = None
+            if model is not None and self.backend == "triton":
+                from .triton_backend import use_triton_ffn
+
+                use_triton_ffn(model, self.smap)
             self._compact[class_id] = model
         return self._compact[class_id]
 
@@ -100,9 +105,9 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
     if execution not in ("compact", "masked"):
         raise UserInputError(f"execution must be compact or masked, got {execution!r}")
     if backend not in BACKENDS:
-        raise UserInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r} "
-                             f"(the Triton kernels are not wired into the runtime yet)")
+        raise UserInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = _pick_backend(backend, device)
     p = Path(str(path)).expanduser()
     if not p.exists():
         from cscompile.models import NAMED_MODELS
@@ -116,7 +121,20 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
     session.model.to(device).eval()
     session.device = device
     session.execution = execution
+    session.backend = backend
     return session
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    """auto: Triton kernels on CUDA, torch elsewhere; an explicit triton must be runnable."""
+    from .triton_backend import triton_available
+
+    usable, reason = triton_available(device)
+    if backend == "auto":
+        return "triton" if usable and reason == "cuda" else "torch"
+    if backend == "triton" and not usable:
+        raise UserInputError(f"backend triton cannot run here: {reason}")
+    return backend
 
 
 # ----------------------------------------------------------------------------- bundles

@@ -236,7 +236,35 @@ def test_bad_input_refused(session, bundle, tmp_path):
     with pytest.raises(BundleError, match="sha256"):
         load(bad)
     with pytest.raises(UserInputError, match="backend"):
-        load(bundle, backend="triton")
+        load(bundle, backend="cuda-graphs")
+
+
+def test_triton_backend_equals_torch_compact(bundle, session, monkeypatch):
+    """The class path with FFNs on the ffn_decode kernel (Triton interpreter on CPU) decodes the
+    same greedy tokens as the torch compact path; the kernel really ran."""
+    import os
+
+    from cscompile.codegen import kernels
+    from cscompile.runtime.triton_backend import TritonFFN
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and the Triton interpreter is off")
+    calls = []
+    real = kernels.ffn_decode
+    monkeypatch.setattr(kernels, "ffn_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tri = load(bundle, backend="triton")
+    assert tri.backend == "triton"
+    for prompt in PROMPTS[:2]:
+        a = tri.generate(prompt, max_new_tokens=8)
+        b = session.generate(prompt, max_new_tokens=8)
+        assert a.class_id == b.class_id and a.token_ids == b.token_ids
+    model = tri.compact_model(a.class_id)
+    assert any(isinstance(m, TritonFFN) for m in model.modules()) and calls
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="backend triton cannot run here"):
+            load(bundle, backend="triton")
+        assert load(bundle).backend == "torch"  # auto never picks the interpreter
 
 
 def _tampered(bundle, tmp_path):
