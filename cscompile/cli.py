@@ -150,13 +150,15 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
               help="Bundle refinement: fraction of the class's channels a token keeps (comma list).")
 @click.option("--include-build-rows", is_flag=True,
               help="Do not leave out rows whose prompt built the bundle (not recommended).")
+@click.option("--chat", is_flag=True,
+              help="Generative rows: wrap the prompt in the tokenizer's chat template (instruct models).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
               help="Folder for eval.json / eval.md / eval.png (default: results/ with --suite, "
                    "else print only).")
 @friendly_errors
 def eval_cmd(target, data, suite, rows, seed, densities, methods, windows, window, gen_tokens,
-             calib_rows, widen_threshold, inter_keep, include_build_rows, threads, out):
+             calib_rows, widen_threshold, inter_keep, include_build_rows, chat, threads, out):
     """Quality of TARGET (bundle or model) vs its dense model and the baselines, side by side."""
     import torch
 
@@ -176,7 +178,7 @@ def eval_cmd(target, data, suite, rows, seed, densities, methods, windows, windo
                       methods=[m for m in methods.split(",") if m], windows=windows, window=window,
                       gen_tokens=gen_tokens, calib_rows=calib_rows,
                       refine=refines,
-                      include_build_rows=include_build_rows, progress=True)
+                      include_build_rows=include_build_rows, progress=True, chat=chat)
     click.echo(markdown(report))
     out = out or ("results" if suite else None)
     if out:

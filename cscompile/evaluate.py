@@ -6,7 +6,8 @@ Everything is teacher-forced on the same token ids, one forward per (row, method
   mc   (rows with choices)     acc_norm: argmax over choices of log p(choice | prompt) / chars,
                                and how often the method picks the dense model's choice
   gen  (any other rows)        the dense model's greedy continuation (--gen-tokens) is generated
-                               once; KL and top-1 vs dense over those generated positions
+                               once (prompt in the chat template with --chat); KL and top-1 vs
+                               dense over those generated positions, weighted by token
 
 Methods see the row's prompt (the text before the scored tokens) and nothing after it:
 per-prompt methods (griffin, the bundle's router) select from it; static methods calibrate on
@@ -302,18 +303,18 @@ def bundle_methods(session, refines) -> list[Method]:
 
 # ----------------------------------------------------------------------------- scoring
 def score_set(ev: EvalSet, methods: list[Method], model, tokenizer, gen_tokens: int,
-              max_len: int, progress=None) -> dict:
+              max_len: int, progress=None, chat: bool = False) -> dict:
     """Per-method metrics on one set: {method key: {metric: value}}."""
     keys = [_key(m) for m in methods]
-    acc = {k: {"kl": [], "top1": [], "nll": 0.0, "tokens": 0, "correct": 0, "agree": 0, "n": 0,
-               "bytes": []} for k in keys}
+    acc = {k: {"kl": 0.0, "top1": 0.0, "scored": 0, "nll": 0.0, "tokens": 0, "correct": 0,
+               "agree": 0, "n": 0, "bytes": []} for k in keys}
     for item in ev.items:
         if ev.kind == "lm":
             ids = item.view(1, -1)
             p = ids.shape[1] // 2
             _score_sequence(ids, p, methods, keys, acc, with_nll=True)
         elif ev.kind == "gen":
-            prompt = tokenizer(item["prompt"], verbose=False)["input_ids"][: max_len - gen_tokens]
+            prompt = _encode(tokenizer, item["prompt"], chat)[-(max_len - gen_tokens):]  # keep the end
             ids = _greedy(model, torch.tensor([prompt]), gen_tokens, tokenizer)
             _score_sequence(ids, len(prompt), methods, keys, acc, with_nll=False)
         else:
@@ -327,12 +328,22 @@ def score_set(ev: EvalSet, methods: list[Method], model, tokenizer, gen_tokens: 
         if ev.kind == "mc":
             r.update(acc_norm=a["correct"] / max(1, a["n"]), agree=a["agree"] / max(1, a["n"]))
         else:
-            r.update(kl=float(np.mean(a["kl"])), top1=float(np.mean(a["top1"])))
+            r.update(kl=a["kl"] / max(1, a["scored"]), top1=a["top1"] / max(1, a["scored"]),
+                     tokens=a["scored"])
         if ev.kind == "lm":
             with np.errstate(over="ignore"):
                 r["ppl"] = float(np.exp(a["nll"] / max(1, a["tokens"])))
         out[k] = r
     return out
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    """Prompt ids; with `chat` (and a chat template) wrapped as one user turn, as `run --chat`."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return list(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _key(m: Method) -> str:
@@ -354,9 +365,10 @@ def _score_sequence(ids, p, methods, keys, acc, with_nll):
         logits, nbytes = m.run(ids, p)
         if dense_logits is None:
             dense_logits = logits
-        r = compare_to_dense(dense_logits, logits, p)
-        acc[k]["kl"].append(r["kl"])
-        acc[k]["top1"].append(r["top1"])
+        r = compare_to_dense(dense_logits, logits, p)  # token-weighted over the set
+        acc[k]["kl"] += r["kl"] * r["tokens"]
+        acc[k]["top1"] += r["top1"] * r["tokens"]
+        acc[k]["scored"] += r["tokens"]
         acc[k]["bytes"].append(nbytes)
         if with_nll:
             total, n = nll(logits, ids, p)
@@ -391,7 +403,7 @@ def _score_choices(row, methods, keys, acc, tokenizer, max_len):
 def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), methods=None,
              windows: int = 8, window: int = 256, gen_tokens: int = 32, calib_rows: int = 4,
              max_len: int = 256, refine=None, include_build_rows: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, chat: bool = False) -> dict:
     """Evaluate TARGET (bundle dir or model) on `data`; returns the JSON-able report."""
     from .runtime import load
     from .runtime.refine import RefineConfig
@@ -460,13 +472,13 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
             results[ev.name] = {"kind": ev.kind, "rows": len(ev.items),
                                 "skipped_build_rows": ev.skipped_build_rows,
                                 "methods": score_set(ev, method_list, model, tok, gen_tokens, max_len,
-                                                     lambda: bar.advance(task))}
+                                                     lambda: bar.advance(task), chat)}
     report = {
         "target": str(target), "model": smap.model_id, "is_bundle": is_bundle,
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": time.perf_counter() - started,
         "args": {"rows": rows, "seed": seed, "densities": [float(d) for d in densities],
                  "windows": windows, "window": window, "gen_tokens": gen_tokens,
-                 "calib_rows": calib_rows, "max_len": max_len, "methods": names,
+                 "calib_rows": calib_rows, "max_len": max_len, "methods": names, "chat": chat,
                  "refine": [asdict(r) for r in refines] if is_bundle else None},
         "methods": [{"key": _key(m), "name": m.name, "kind": m.kind, "density": m.density,
                      **({"stats": _summarise_stats(m.stats)} if m.stats else {})} for m in method_list],
