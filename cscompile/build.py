@@ -147,6 +147,9 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         train_acc = float((router.classify(pooled).numpy() == clus.labels).mean())
         cost = router_cost(loaded.model, smap, router, build_ids[:8], repeats=2)
 
+    with ph.phase("calibrating per-token input-sparsity thresholds"):
+        input_sparsity = _input_sparsity(loaded.model, smap, supports, build_ids[:16], seed)
+
     classes_json = []
     for c, sup in enumerate(supports):
         kept = sup.kept_bytes(smap)
@@ -172,6 +175,7 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
                                 "meaning": "weights.safetensors FFN channel i = source channel "
                                            "perm[i]; class channel indices are post-permutation"},
         "refinement": {"enabled": False},
+        "input_sparsity": input_sparsity,
         "build_args": args,
         "calibration": {"file_sha256": _file_sha256(calib), "n_prompts": len(rows),
                         "n_build": len(build_idx), "n_held_out": len(held_idx),
@@ -321,6 +325,23 @@ def _class_tables(supports: list[Support], perms: dict) -> dict[str, torch.Tenso
 
 def _file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _input_sparsity(model, smap, supports, prompts, seed) -> dict:
+    """TEAL-like thresholds for the runtime's per-token input-sparsity path (refine mode
+    "input"): |x| quantiles of every FFN's input (gate/up) and intermediate (down) that keep
+    the fraction of FFN bytes the mean class keeps, so the two paths read equal bytes."""
+    from .passes.support import estimate_support
+
+    ffn = [li for li, layer in enumerate(smap.layers) if layer.ffn is not None]
+    total = sum(smap.layers[li].ffn.width * smap.channel_bytes(li) for li in ffn)
+    kept = np.mean([sum(len(s.channels.get(li, range(smap.layers[li].ffn.width)))
+                        * smap.channel_bytes(li) for li in ffn if li in s.kept_layers(smap))
+                    for s in supports])
+    keep = float(min(1.0, max(kept / total, 1e-3)))
+    est = estimate_support(model, smap, None, keep, method="teal", calib_prompts=prompts, seed=seed)
+    return {"keep": keep, "calibration_prompts": len(prompts),
+            "thresholds": {k: float(v) for k, v in est.info["thresholds"].items()}}
 
 
 def _versions() -> dict:

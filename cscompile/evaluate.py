@@ -295,6 +295,19 @@ def bundle_methods(session, refines) -> list[Method]:
         return method
 
     out = [make({c.id: ClassPath(model, smap, c.support) for c in session.classes}, "bundle")]
+    if session.input_sparsity:  # the runtime's refine mode "input", on every position
+        from .runtime.refine import InputSparsity
+
+        def run_input(ids, p):
+            sparsity = InputSparsity(model, smap, session.input_sparsity["thresholds"])
+            sparsity.on = True
+            try:
+                logits = _logits(model, ids)
+            finally:
+                sparsity.remove()
+            return logits, float(sparsity.position_bytes()[p - 1:].mean()) / smap.total_bytes
+        out.append(Method("bundle+input", None, "per_token", run_input,
+                          note="refine mode input: TEAL-like thresholds stored in the bundle"))
     for cfg in refines:
         out.append(make({c.id: ClassPath(model, smap, c.support, cfg) for c in session.classes},
                         refine_key(cfg)))

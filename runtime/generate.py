@@ -54,7 +54,8 @@ import torch
 
 from cscompile.errors import UserInputError
 
-from .refine import (RefineConfig, energy_fraction, measurement_bytes, refined_support_bytes,
+from .refine import (InputSparsity, RefineConfig, energy_fraction, measurement_bytes,
+                     refined_support_bytes,
                      teal_select)
 
 
@@ -377,9 +378,11 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
     refine, keep_last, cls = opts.refine, opts.keep_last, path.cls
     gen = opts.generator(dev)
     cache, pre.cache = pre.cache, None
-    hooks, step_model = None, model
+    hooks, sparsity, step_model = None, None, model
     if path.compact is not None:  # decode on the reduced copy, with the cache sliced to match
         step_model, cache = path.compact, slice_cache(cache, model, smap, cls.support)
+    elif path.use_class and refine is not None and refine.mode == "input":
+        sparsity = InputSparsity(model, smap, _input_thresholds(session))
     elif path.use_class:
         hooks = _PathHooks(model, smap, cls.support, refine)
 
@@ -407,7 +410,10 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                 finish = "context"
                 break
             mode = "dense"
-            if path.use_class:
+            if sparsity is not None:
+                mode = "input" if refine.refines_step(step) else "dense"
+                sparsity.on = mode == "input"
+            elif path.use_class:
                 mode = "refine" if refine and refine.refines_step(step) else "class"
             if hooks:
                 hooks.mode = mode
@@ -416,6 +422,21 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                              **keep_last)
             if mode == "dense":
                 record(1.0, 1.0, path.total_bytes)
+            elif mode == "input":
+                e = min(sparsity.energy.values(), default=1.0)
+                step_bytes = sparsity.step_bytes()
+                density = (step_bytes - smap.unprunable_bytes()) / smap.prunable_bytes()
+                action = "keep"
+                if refine.widens(e):  # recompute this token densely
+                    action, density = "widen", 1.0
+                    cache.crop(-1)
+                    sparsity.on = False
+                    out = model(input_ids=step_in, past_key_values=cache, use_cache=True,
+                                **keep_last)
+                    step_bytes += path.total_bytes
+                record(density, e, step_bytes)
+                log.append({"token": len(generated), "action": action, "energy": e,
+                            "density": density})
             elif mode == "class":  # the compact model never sees the full intermediate
                 record(cls.density, min(hooks.energy.values(), default=1.0) if hooks else None,
                        path.class_bytes)
@@ -439,10 +460,18 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                             "density": density})
             token = sample(out.logits[0, -1], opts.temperature, opts.top_p, gen)
     finally:
-        if hooks:
-            hooks.remove()
+        for h in (hooks, sparsity):
+            if h is not None:
+                h.remove()
     return _result(session, pre, path, generated, densities, energy, nbytes, log,
                    time.perf_counter() - t1, finish, 1)
+
+
+def _input_thresholds(session) -> dict:
+    if not session.input_sparsity:
+        raise UserInputError(f"bundle {session.source} holds no input-sparsity thresholds "
+                             f"(built by an older cscompile): rebuild it to use refine mode input")
+    return session.input_sparsity["thresholds"]
 
 
 # ----------------------------------------------------------------------------- batches

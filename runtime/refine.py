@@ -25,13 +25,21 @@ from cscompile.errors import UserInputError
 from cscompile.structure import StructureMap
 
 
+MODES = ("class", "input")
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     every: int = 1  # refine on decode steps 0, every, 2*every, ...
     widen_threshold: float = 0.1  # widen to dense when off-support energy >= this
     inter_keep: float = 1.0  # fraction of the class's candidate channels a refined token keeps
+    # "class": refine inside the class's channels (above); "input": every decode step runs the
+    # dense weights with TEAL-like input sparsity (InputSparsity, thresholds from the bundle)
+    mode: str = "class"
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserInputError(f"refine mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.every < 1:
             raise UserInputError(f"refine every must be >= 1 token, got {self.every}")
         if not self.widen_threshold >= 0:  # also refuses NaN
@@ -41,7 +49,7 @@ class RefineConfig:
 
     @property
     def active(self) -> bool:
-        return math.isfinite(self.widen_threshold)
+        return self.mode == "input" or math.isfinite(self.widen_threshold)
 
     def refines_step(self, step: int) -> bool:
         return self.active and step % self.every == 0
@@ -93,3 +101,66 @@ def measurement_bytes(smap: StructureMap, kept_layers: list[int],
     return sum((smap.layers[li].ffn.width - kept_channels.get(li, smap.layers[li].ffn.width))
                * gate_up_row_bytes(smap, li)
                for li in kept_layers if smap.layers[li].ffn is not None)
+
+
+# ----------------------------------------------------------------------------- input sparsity
+class InputSparsity:
+    """TEAL-like per-token input sparsity on the dense weights: each FFN's input entries with
+    |x| below the layer's threshold are zeroed before gate/up (so their weight columns need not
+    be read), and so are the intermediate's before down. Thresholds come from the bundle
+    (manifest "input_sparsity", calibrated at build to the mean class's FFN bytes).
+
+    While `on`, every forward is sparsified; the hooks count kept entries of the last position
+    and the on-support energy of each intermediate (what the runtime monitors and logs)."""
+
+    def __init__(self, model, smap: StructureMap, thresholds: dict):
+        self.smap, self.on = smap, False
+        self.kept_hidden: dict[int, torch.Tensor] = {}  # per position: kept input entries
+        self.kept_inter: dict[int, torch.Tensor] = {}  # per position: kept intermediate entries
+        self.energy: dict[int, float] = {}  # last position: on-support intermediate energy
+        self._handles = []
+        for li, layer in enumerate(smap.layers):
+            f = layer.ffn
+            if f is None or f"{li}.hidden" not in thresholds:
+                continue
+            hidden, inter = float(thresholds[f"{li}.hidden"]), float(thresholds[f"{li}.inter"])
+            for path in {f.up, f.gate} - {None}:
+                self._handles.append(model.get_submodule(path).register_forward_pre_hook(
+                    self._hook(li, hidden, self.kept_hidden)))
+            self._handles.append(model.get_submodule(f.down).register_forward_pre_hook(
+                self._hook(li, inter, self.kept_inter, energy=True)))
+
+    def _hook(self, li, threshold, counts, energy=False):
+        def hook(module, args):
+            if not self.on:
+                return None
+            x = args[0]
+            keep = (x.abs() > threshold).to(x.dtype)
+            counts[li] = keep.reshape(-1, keep.shape[-1]).sum(-1).double().cpu()
+            if energy:
+                self.energy[li] = energy_fraction(x[..., -1, :].reshape(1, -1),
+                                                  keep[..., -1, :].reshape(1, -1))
+            return (x * keep, *args[1:])
+        return hook
+
+    def position_bytes(self) -> torch.Tensor:
+        """Weight bytes each position of the last forward read: everything but the FFN weight
+        columns its zeroed inputs let it skip (gate/up columns, down rows)."""
+        smap, hidden = self.smap, self.smap.hidden_size
+        total = None
+        for li, kept in self.kept_inter.items():
+            f = smap.layers[li].ffn
+            gate_up = gate_up_row_bytes(smap, li)  # one channel's gate+up rows
+            down = smap.channel_bytes(li) - gate_up  # one channel's down column
+            kept_h = self.kept_hidden.get(li, torch.full_like(kept, hidden))
+            skipped = (f.width - kept) * down + (hidden - kept_h) * (gate_up * f.width / hidden)
+            total = skipped if total is None else total + skipped
+        return smap.total_bytes - (total if total is not None else torch.zeros(1))
+
+    def step_bytes(self) -> int:
+        """Bytes the last position (a decode step) read."""
+        return int(round(float(self.position_bytes()[-1])))
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()

@@ -50,6 +50,8 @@ class Session:
     # static class paths decode on a physically reduced copy ("compact", built lazily per
     # class) or as masks over the dense model ("masked"); refinement always runs masked
     execution: str = "compact"
+    # manifest "input_sparsity": TEAL-like thresholds for refine mode "input" (None: older bundle)
+    input_sparsity: dict | None = None
     _compact: dict = field(default_factory=dict, repr=False)
 
     def compact_model(self, class_id: int):
@@ -158,7 +160,7 @@ def _load_bundle(path: Path) -> Session:
         raise BundleError(f"bundle {path}: router knows {router.n_classes} classes, manifest "
                           f"lists {len(classes)}")
     return Session(model, _tokenizer_from_bundle(bundle), smap, classes, router,
-                   source=str(path), is_bundle=True)
+                   source=str(path), is_bundle=True, input_sparsity=man.get("input_sparsity"))
 
 
 def _source_dir(bundle) -> Path:

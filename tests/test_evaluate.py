@@ -104,6 +104,8 @@ def test_refinement_extremes_and_build_rows_left_out(bundle, tmp_path):
     never = run_eval(str(bundle), data, methods=["random"], refine=RefineConfig(1, math.inf, 1.0), **SMALL)
     m = never["sets"]["calib"]["methods"]
     assert m["bundle+refine(w=inf,k=1)"]["kl"] == m["bundle"]["kl"] > 0
+    # the runtime's input-sparsity path, calibrated at build to the classes' FFN bytes
+    assert 0 < m["bundle+input"]["kl"] and abs(m["bundle+input"]["bytes"] - m["bundle"]["bytes"]) < 0.1
     # baselines at the bundle's bytes
     assert abs(m["random@%.2f" % never["args"]["densities"][0]]["bytes"] - m["bundle"]["bytes"]) < 0.02
 

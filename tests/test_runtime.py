@@ -182,6 +182,66 @@ def test_widen_threshold_inf_is_static_class_path(session):
     assert r.token_ids == static.token_ids and r.refinements == []
 
 
+def _input_sparse_reference(session, prompt, n_new):
+    """No-cache greedy reference of refine mode "input": every forward recomputes the whole
+    sequence; FFN inputs below the bundle's thresholds are zeroed at generated positions only
+    (the prompt is prefilled dense)."""
+    smap, th = session.smap, session.input_sparsity["thresholds"]
+    ids = session.tokenizer(prompt)["input_ids"]
+    n_prompt, handles = len(ids), []
+
+    def hook(t):
+        def fn(m, args):
+            x = args[0]
+            keep = (x.abs() > t).to(x.dtype)
+            keep[:, :n_prompt] = 1.0
+            return (x * keep, *args[1:])
+        return fn
+
+    for li, layer in enumerate(smap.layers):
+        f = layer.ffn
+        for path in (f.gate, f.up):
+            handles.append(session.model.get_submodule(path).register_forward_pre_hook(
+                hook(th[f"{li}.hidden"])))
+        handles.append(session.model.get_submodule(f.down).register_forward_pre_hook(
+            hook(th[f"{li}.inter"])))
+    try:
+        with torch.no_grad():
+            first = int(session.model(torch.tensor([ids])).logits[0, -1].argmax())
+            out = [first]
+            while len(out) < n_new:
+                logits = session.model(torch.tensor([ids + out])).logits
+                out.append(int(logits[0, -1].argmax()))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def test_input_sparsity_mode_equals_reference_and_reads_fewer_bytes(session):
+    info = session.input_sparsity
+    assert 0 < info["keep"] < 1 and len(info["thresholds"]) == 2 * session.smap.n_layers
+    cfg = RefineConfig(every=1, widen_threshold=math.inf, mode="input")
+    for prompt in PROMPTS[:2]:
+        r = session.generate(prompt, max_new_tokens=N_NEW, refine=cfg)
+        assert r.token_ids == _input_sparse_reference(session, prompt, len(r.token_ids))
+        assert max(r.bytes_per_token) < session.smap.total_bytes
+        assert len(r.refinements) == len(r.token_ids) - 1
+        assert all(0 < e <= 1 for e in r.energy)
+    dense = session.generate(PROMPTS[0], max_new_tokens=N_NEW, dense=True)
+    widened = session.generate(PROMPTS[0], max_new_tokens=N_NEW,
+                               refine=RefineConfig(widen_threshold=0.0, mode="input"))
+    assert widened.token_ids == dense.token_ids  # threshold 0: every step recomputed dense
+    saved, session.input_sparsity = session.input_sparsity, None
+    try:
+        with pytest.raises(UserInputError, match="rebuild"):
+            session.generate(PROMPTS[0], max_new_tokens=4, refine=cfg)
+    finally:
+        session.input_sparsity = saved
+    with pytest.raises(UserInputError, match="refine mode"):
+        RefineConfig(mode="teal")
+
+
 def test_dense_equals_hf_generate(session, stories_dir):
     from cscompile.frontend import load_model
 
