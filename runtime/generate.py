@@ -13,7 +13,11 @@ Semantics (torch backend):
     way prompt positions hold dense k/v and generated positions k/v of the class path;
   * refinement (runtime.refine) may shrink a step's FFN support inside the class's channels,
     or widen the step to dense: the cache is cropped by one position and the token recomputed
-    on the dense model, so a widened token is exactly a dense step.
+    on the dense model, so a widened token is exactly a dense step;
+  * refine mode "input" (RefineConfig(mode="input")) decodes on the dense weights with
+    TEAL-like input sparsity instead (runtime.refine.InputSparsity: FFN inputs and
+    intermediates below the bundle's per-layer thresholds are zeroed, so their weight columns
+    are not read); its steps are charged the bytes they read and may widen the same way.
 This is what a no-cache recomputation gives when positions < prompt length run dense and each
 generated position runs on the support chosen for it (tests/test_runtime.py checks that).
 
