@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,7 +172,7 @@ class ClassPath:
 
     @contextmanager
     def hooks(self, dense_rows: torch.Tensor | None):
-        from .runtime.refine import energy_fraction, teal_select  # noqa: F401
+        from .runtime.refine import teal_select
 
         smap, support, handles = self.smap, self.support, []
         self.energy, self.kept = {}, {}

@@ -22,7 +22,6 @@ that reads only the kept weight columns computes).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
