@@ -14,18 +14,19 @@ from cscompile.errors import friendly_errors
 from cscompile.errors import UserInputError
 
 
-def _refine_config(refine_every, widen_threshold, inter_keep, refine_mode=None):
+def _refine_config(refine_every, widen_threshold, inter_keep, refine_mode=None,
+                   switch_every=None):
     from .refine import RefineConfig
 
     if refine_every is None and widen_threshold is None and inter_keep is None \
-            and refine_mode is None:
+            and refine_mode is None and not switch_every:
         return None
     defaults = RefineConfig()
     if widen_threshold is None:  # input mode is its own path: widen only when asked
         widen_threshold = float("inf") if refine_mode == "input" else defaults.widen_threshold
     return RefineConfig(every=refine_every or defaults.every, widen_threshold=widen_threshold,
                         inter_keep=defaults.inter_keep if inter_keep is None else inter_keep,
-                        mode=refine_mode or "class")
+                        mode=refine_mode or "class", switch_every=switch_every or 0)
 
 
 def _stats_line(r) -> str:
@@ -70,12 +71,15 @@ def _stats_line(r) -> str:
 @click.option("--refine-mode", type=click.Choice(["class", "input"]), default=None,
               help="class: refine inside the class's channels; input: TEAL-like per-token input "
                    "sparsity on the dense weights at the class's bytes (turns refinement on).")
+@click.option("--switch-every", type=click.IntRange(1), default=None,
+              help="Re-route every s decode tokens and switch class when another fits better "
+                   "(turns refinement on).")
 @click.option("--inter-keep", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Fraction of the class's FFN channels a refined token keeps (default 1).")
 @friendly_errors
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
         top_p, seed, chat, dense, stats, backend, refine_every, widen_threshold, refine_mode,
-        inter_keep):
+        switch_every, inter_keep):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
@@ -90,7 +94,7 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         raise UserInputError("--output needs --input (a batch of prompts)")
     if batch_size > 1 and input_path is None:
         raise UserInputError("--batch-size needs --input (a batch of prompts)")
-    refine = _refine_config(refine_every, widen_threshold, inter_keep, refine_mode)
+    refine = _refine_config(refine_every, widen_threshold, inter_keep, refine_mode, switch_every)
     rows = None
     if input_path is not None:  # read the batch before the (slower) model load
         from cscompile.calib import read_prompts

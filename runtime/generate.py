@@ -14,6 +14,10 @@ Semantics (torch backend):
   * refinement (runtime.refine) may shrink a step's FFN support inside the class's channels,
     or widen the step to dense: the cache is cropped by one position and the token recomputed
     on the dense model, so a widened token is exactly a dense step;
+  * with RefineConfig(switch_every=s) the class path re-routes every s decode steps on the
+    running mean of the router feature over the prompt and the generated tokens (each step's
+    feature taken on the path it ran) and switches to the class it now fits best (logged as a
+    "switch" refinement; later steps use the new class's support);
   * refine mode "input" (RefineConfig(mode="input")) decodes on the dense weights with
     TEAL-like input sparsity instead (runtime.refine.InputSparsity: FFN inputs and
     intermediates below the bundle's per-layer thresholds are zeroed, so their weight columns
@@ -304,6 +308,7 @@ class _Prefilled:
     logits: torch.Tensor  # [V] at the last prompt position
     cache: object  # DynamicCache of the dense model, batch 1
     prefill_s: float
+    pooled: torch.Tensor | None = None  # router feature, mean over the prompt [1, hidden]
 
 
 def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
@@ -324,7 +329,8 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
     class_id = None
     if session.is_bundle:
         class_id = int(session.router.classify(hooks.pooled.cpu())[0])
-    return _Prefilled(ids, class_id, out.logits[0, -1], cache, time.perf_counter() - t0)
+    return _Prefilled(ids, class_id, out.logits[0, -1], cache, time.perf_counter() - t0,
+                      hooks.pooled.cpu() if hooks else None)
 
 
 class _Path:
@@ -388,7 +394,10 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
     elif path.use_class and refine is not None and refine.mode == "input":
         sparsity = InputSparsity(model, smap, _input_thresholds(session))
     elif path.use_class:
-        hooks = _PathHooks(model, smap, cls.support, refine)
+        switching = bool(refine and refine.switch_every and pre.pooled is not None)
+        layer = session.router.layer if switching else None
+        hooks = _PathHooks(model, smap, cls.support, refine, layer)
+        feature_sum, n_feature = pre.pooled * len(pre.ids), len(pre.ids)
 
     streamer = _Streamer(session.tokenizer, stream)
     generated, densities, energy, nbytes, log = [], [], [], [], []
@@ -462,6 +471,18 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                 record(density, e, step_bytes)
                 log.append({"token": len(generated), "action": action, "energy": e,
                             "density": density})
+            if hooks is not None and hooks.capture:  # running router feature; maybe switch
+                feature_sum, n_feature = feature_sum + hooks.pooled.cpu(), n_feature + 1
+                if (step + 1) % refine.switch_every == 0:
+                    best = int(session.router.classify(feature_sum / n_feature)[0])
+                    if best != path.cls.id:
+                        log.append({"token": len(generated), "action": "switch",
+                                    "from": path.cls.id, "to": best})
+                        hooks.remove()
+                        path = _Path(session, best, False, refine)
+                        cls = path.cls
+                        hooks = _PathHooks(model, smap, path.cls.support, refine,
+                                           session.router.layer)
             token = sample(out.logits[0, -1], opts.temperature, opts.top_p, gen)
     finally:
         for h in (hooks, sparsity):

@@ -36,8 +36,13 @@ class RefineConfig:
     # "class": refine inside the class's channels (above); "input": every decode step runs the
     # dense weights with TEAL-like input sparsity (InputSparsity, thresholds from the bundle)
     mode: str = "class"
+    # class mode: every `switch_every` decode steps re-route on the running mean of the router
+    # feature over prompt + generated tokens and switch class when it changed (0 = never)
+    switch_every: int = 0
 
     def __post_init__(self):
+        if self.switch_every < 0:
+            raise UserInputError(f"switch_every must be >= 0, got {self.switch_every}")
         if self.mode not in MODES:
             raise UserInputError(f"refine mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.every < 1:

@@ -165,6 +165,39 @@ def test_refined_path_equals_reference_with_same_decisions(session):
             assert b == pytest.approx(support_bytes)
 
 
+def test_class_switching(session, monkeypatch):
+    """Re-routing mid-decode: with the router agreeing nothing changes; a router that prefers
+    another class after the prompt makes the path switch at the next check, and later steps run
+    on that class (densities inside its support)."""
+    prompt = PROMPTS[0]
+    base = RefineConfig(every=1, widen_threshold=math.inf, inter_keep=0.5)
+    plain = session.generate(prompt, max_new_tokens=N_NEW, refine=RefineConfig(
+        every=1, widen_threshold=2.0, inter_keep=0.5))  # refines, never widens
+    routed = plain.class_id
+    other = next(c.id for c in session.classes if c.id != routed)
+    real = session.router.classify
+    calls = []
+
+    def biased(feature):  # the prompt routes as usual, every later check prefers `other`
+        calls.append(1)
+        return real(feature) if len(calls) == 1 else torch.tensor([other])
+
+    monkeypatch.setattr(session.router, "classify", biased)
+    cfg = RefineConfig(every=1, widen_threshold=2.0, inter_keep=0.5, switch_every=4)
+    r = session.generate(prompt, max_new_tokens=N_NEW, refine=cfg)
+    switches = [x for x in r.refinements if x["action"] == "switch"]
+    assert switches == [{"token": 4, "action": "switch", "from": routed, "to": other}]
+    assert r.token_ids[:5] == plain.token_ids[:5]  # identical until the switch
+    cap = session.classes[other].density
+    assert all(d <= cap + 1e-9 for d in r.densities[4:])
+    monkeypatch.setattr(session.router, "classify", real)
+    same = session.generate(prompt, max_new_tokens=N_NEW, refine=RefineConfig(
+        every=1, widen_threshold=2.0, inter_keep=0.5, switch_every=100))
+    assert same.token_ids == plain.token_ids and base.switch_every == 0
+    with pytest.raises(UserInputError, match="switch_every"):
+        RefineConfig(switch_every=-1)
+
+
 def test_widen_threshold_zero_is_dense(session):
     for prompt in PROMPTS[:2]:
         dense = session.generate(prompt, max_new_tokens=N_NEW, dense=True)
