@@ -135,7 +135,8 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
               "target, e.g. 0.75,0.5 (a bundle sets its own). Default 0.5; --suite 0.75,0.5.")
 @click.option("--methods", default=",".join(("magnitude", "wanda", "griffin", "teal", "cats",
                                                "random")), show_default=True,
-              help="Baselines: magnitude, wanda, activation, griffin, teal, cats, oracle, random, cs.")
+              help="Baselines: magnitude, wanda, activation, griffin, teal, cats, oracle, random, "
+                   "cs; 'none' for the dense model (and a bundle's own paths) only.")
 @click.option("--windows", default=8, show_default=True, type=click.IntRange(1),
               help="WikiText-2 windows (perplexity of the last half).")
 @click.option("--window", default=256, show_default=True, type=click.IntRange(8))

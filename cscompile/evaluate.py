@@ -444,6 +444,8 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
     total_bytes = smap.total_bytes
     ffn_bytes = sum(l.ffn.width * smap.channel_bytes(i) for i, l in enumerate(smap.layers) if l.ffn)
     names = list(methods) if methods else list(DEFAULT_BASELINES)
+    if names == ["none"]:  # dense (and the bundle's own paths) only
+        names = []
     unknown = set(names) - set(BASELINES) - {"bundle"}
     if unknown:
         raise UserInputError(f"unknown methods {sorted(unknown)}; choose from {', '.join(BASELINES)}")

@@ -125,3 +125,9 @@ def test_cli_eval_writes_tables_and_refuses_bad_input(stories_dir, data, tmp_pat
     assert res.exit_code == 2 and "unknown methods" in res.output
     res = runner.invoke(main, ["eval", str(stories_dir)])
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_dense_only(stories_dir, data):
+    report = run_eval(str(stories_dir), data / "piqa", methods=["none"], **SMALL)
+    assert [m["key"] for m in report["methods"]] == ["dense"]
+    assert report["sets"]["piqa"]["methods"]["dense"]["agree"] == 1.0
