@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     curves = sorted({r["curve"] for r in rows if r["curve"] != "dense"})
     for i, name in enumerate(curves):
         pts = sorted((r for r in rows if r["curve"] == name), key=lambda r: r["bytes"])
-        style = dict(marker="o", color=f"C{i % 10}", label=name,
+        style = dict(marker="o", color=plt.cm.tab20(i % 20), label=name,
                      linestyle="--" if name.startswith("bundle+refine") else "-")
         for ax, metric in zip(axes, ("wiki_kl", "gen_kl")):
             xs = [p["bytes"] for p in pts if p[metric] is not None]
