@@ -106,7 +106,7 @@ def _environment(device: torch.device) -> tuple[dict, dict]:
 
 
 def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
-              repeats=5, warmup=1, threads=None, device=None, seed=0) -> dict:
+              repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False) -> dict:
     """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows."""
     from cscompile.runtime import load
 
@@ -176,11 +176,14 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                                 if dev.type == "cuda" else None)}
                 rows.append(row)
             rows.extend({"batch": b, **s} for s in skipped)
+        # on the session already loaded: a second load would double start-up and memory
+        extra = {"overhead": runtime_overhead(session, prompt_len, new_tokens, repeats,
+                                              seed=seed)} if overhead else {}
     finally:
         torch.set_num_threads(old_threads)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": hardware, "versions": versions, "args": args,
-            "storage_dtype": smap.dtype if smap else None, "rows": rows}
+            "storage_dtype": smap.dtype if smap else None, "rows": rows, **extra}
 
 
 def runtime_overhead(target, prompt_len=128, new_tokens=32, repeats=3, threads=None,
@@ -192,18 +195,18 @@ def runtime_overhead(target, prompt_len=128, new_tokens=32, repeats=3, threads=N
     threshold of 1.0 (it selects and measures, and never widens), and the compact path. The
     monitor's share is (refined - masked) / refined step time; routing's share is the router's
     classify call over the whole request (its feature is pooled during the dense prefill)."""
-    from cscompile.runtime import RefineConfig, load
+    from cscompile.runtime import RefineConfig, Session, load
     from cscompile.runtime.generate import encode
 
     if threads:
         torch.set_num_threads(threads)
-    session = load(target, device="cpu")
+    session = target if isinstance(target, Session) else load(target, device="cpu")
     if not session.is_bundle:
         raise UserInputError(f"{target}: routing and refinement overhead needs a bundle")
     words = "The history of the city begins with a small market town on the river. " * 64
     ids = encode(session.tokenizer, words, chat=False)[:prompt_len]
     prompt = session.tokenizer.decode(ids)
-    runs = {}
+    runs, execution_before = {}, session.execution
     for name, execution, refine in (("masked", "masked", None),
                                     ("masked+monitor", "masked", RefineConfig(1, 1.0, 1.0)),
                                     ("compact", "compact", None)):
@@ -218,6 +221,7 @@ def runtime_overhead(target, prompt_len=128, new_tokens=32, repeats=3, threads=N
             cls = res.class_id
         runs[name] = {"class_id": cls, "step_ms": _stats(steps), "prefill_ms": _stats(prefill),
                       "request_ms": _stats(total)}
+    session.execution = execution_before
     pooled = torch.randn(1, session.model.config.hidden_size)
     times = []
     for _ in range(20):
@@ -315,9 +319,7 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
     result = run_bench(target, classes=classes,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                       warmup=warmup, threads=threads, device=device)
-    if overhead:
-        result["overhead"] = runtime_overhead(target, prompt_len, new_tokens, repeats, threads)
+                       warmup=warmup, threads=threads, device=device, overhead=overhead)
     text = json.dumps(result, indent=2)
     if json_out == "-":
         click.echo(text)
@@ -325,7 +327,7 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
     print_bench(result, Console(width=None if sys.stdout.isatty() else 150))
     if overhead:
         o = result["overhead"]
-        click.echo("overhead on the routed class (generate, CPU torch): " + ", ".join(
+        click.echo("overhead on the routed class (generate, " + result["hardware"]["device"] + "): " + ", ".join(
             f"{k} {v['step_ms']['median']:.2f} ms/step" for k, v in o["runs"].items())
             + f"; router classify {o['route_ms']:.3f} ms = {o['route_share']:.2%} of a request; "
             f"monitor {o['monitor_share']:.1%} of a monitored step")

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from .calib import prompt_hash
 from .errors import UserInputError
 from .metrics import compare_to_dense, nll, wikitext_windows
+from .runtime.generate import encode
 
 BASELINES = ("magnitude", "wanda", "activation", "griffin", "teal", "cats", "oracle", "random", "cs")
 DEFAULT_BASELINES = ("magnitude", "wanda", "griffin", "teal", "cats", "random")
@@ -327,7 +328,7 @@ def score_set(ev: EvalSet, methods: list[Method], model, tokenizer, gen_tokens: 
             p = ids.shape[1] // 2
             _score_sequence(ids, p, methods, keys, acc, with_nll=True)
         elif ev.kind == "gen":
-            prompt = _encode(tokenizer, item["prompt"], chat)[-(max_len - gen_tokens):]  # keep the end
+            prompt = encode(tokenizer, item["prompt"], chat)[-(max_len - gen_tokens):]  # keep the end
             ids = _greedy(model, torch.tensor([prompt]), gen_tokens, tokenizer)
             _score_sequence(ids, len(prompt), methods, keys, acc, with_nll=False)
         else:
@@ -348,15 +349,6 @@ def score_set(ev: EvalSet, methods: list[Method], model, tokenizer, gen_tokens: 
                 r["ppl"] = float(np.exp(a["nll"] / max(1, a["tokens"])))
         out[k] = r
     return out
-
-
-def _encode(tokenizer, text: str, chat: bool) -> list[int]:
-    """Prompt ids; with `chat` (and a chat template) wrapped as one user turn, as `run --chat`."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    return list(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _key(m: Method) -> str:

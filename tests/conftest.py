@@ -167,3 +167,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for the decode loop: one id per character, no EOS."""
+
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(ch) % 100 for ch in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """The CharTokenizer class (tests on tiny random models, which ship no tokenizer)."""
+    return CharTokenizer

@@ -66,27 +66,15 @@ def test_byte_accounting_matches_support_bytes(tiny):
 
 
 # ----------------------------------------------------------------------------- decode loop
-class _CharTokenizer:
-    """Enough of a tokenizer for the decode loop: one id per character, no EOS."""
-
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [1 + ord(c) % 100 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
 @pytest.fixture(scope="module")
-def tiny_session(tiny):
+def tiny_session(tiny, char_tokenizer):
     loaded, smap = tiny("llama")
     sup = random_support(smap, 0.5, np.random.default_rng(1))
     sup.heads[0] = [0, 1, 2]  # kv group 0 keeps two heads, group 1 one: uneven
     router = Router(0, torch.eye(64, 4), torch.zeros(4), torch.tensor([[1.0, 0, 0, 0]]))
     model = copy.deepcopy(loaded.model)  # the session-wide tiny model stays untouched
     model.generation_config.eos_token_id = None
-    return Session(model, _CharTokenizer(), smap, [ClassPath(0, sup, sup.density(smap))],
+    return Session(model, char_tokenizer(), smap, [ClassPath(0, sup, sup.density(smap))],
                    router, is_bundle=True, execution="masked")  # masked: energies measured
 
 
@@ -135,8 +123,8 @@ def test_compact_static_path_equals_masked(tiny_session):
     assert compact._compact[0] is not None
 
 
-def test_chat_template_used_only_when_asked(tiny_session):
-    class ChatTokenizer(_CharTokenizer):
+def test_chat_template_used_only_when_asked(tiny_session, char_tokenizer):
+    class ChatTokenizer(char_tokenizer):
         chat_template = "stub"
 
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):

@@ -550,22 +550,12 @@ def test_cli_batch_size_keeps_one_line_per_prompt_in_order(session, bundle, tmp_
     assert r.exit_code == 2 and "--batch-size needs --input" in r.stderr
 
 
-class _CharTokenizer:
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [1 + ord(c) % 100 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
-def test_batch_finished_row_stays_inside_learned_positions(tiny):
+def test_batch_finished_row_stays_inside_learned_positions(tiny, char_tokenizer):
     """A row stopped by the context keeps computing in its chunk; with learned position
     embeddings (gpt2, 128 positions) its positions must not run past the table."""
     from cscompile.runtime import Session
 
-    s = Session(tiny("gpt2")[0].model, _CharTokenizer())
+    s = Session(tiny("gpt2")[0].model, char_tokenizer())
     prompts = ["x" * 120, "hello world", "abc"]
     single = [s.generate(p, max_new_tokens=12) for p in prompts]
     assert single[0].finish_reason == "context"
