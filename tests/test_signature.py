@@ -22,7 +22,9 @@ def test_shape_and_per_layer_normalisation(tiny):
     assert (sig >= 0).all()
     for li in range(smap.n_layers):
         total = sig[:, layout.heads[li]].sum(1) + sig[:, layout.channels[li]].sum(1)
-        np.testing.assert_allclose(total, 1.0, atol=1e-9)
+        # per-layer shares of a float32 signature: their sum is 1 up to float32 rounding of
+        # ~100 terms, not to float64's 1e-9
+        np.testing.assert_allclose(total, 1.0, rtol=8 * np.finfo(np.float32).eps)
     assert np.abs(sig[0] - sig[1]).max() > 1e-4  # different prompts, different signatures
 
 
