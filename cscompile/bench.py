@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from cscompile.compat import cache_kwargs
 from cscompile.errors import UserInputError
 
 
@@ -60,21 +61,33 @@ def touched_bytes(model) -> int:
 
 @torch.no_grad()
 def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: int,
-               device: torch.device) -> dict:
-    """Prefill once with a fresh cache, then `new_tokens` single-token steps; per timed run."""
+               device: torch.device, pertoken=None) -> dict:
+    """Prefill once with a fresh cache, then `new_tokens` single-token steps; per timed run.
+    With `pertoken` (a runtime.pertoken.PerToken) the prefill runs dense and the steps on it."""
+    from contextlib import nullcontext
+
     from transformers import DynamicCache
+
+    def steps_on_path():
+        if pertoken is None:
+            return nullcontext()
+        from cscompile.runtime.generate import pertoken_steps
+
+        return pertoken_steps(pertoken)
 
     prefill_ms, tok_s, step_ms = [], [], []
     for run in range(warmup + repeats):
         cache = DynamicCache(config=model.config)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with steps_on_path():
+            for _ in range(new_tokens):
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
+                            logits_to_keep=1)
         out.logits[:, -1].argmax(-1)  # the last token is part of the work being timed
         _sync(device)
         t2 = time.perf_counter()
@@ -138,6 +151,20 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
         smap = session.smap
         dense_fp32 = touched_bytes(session.model)
         paths = [("dense", None, session.model, smap.total_bytes if smap else None, dense_fp32)]
+        if dev.type == "cpu":  # torch's bf16 GEMV, the storage dtype's bytes
+            import copy
+
+            bf16 = copy.deepcopy(session.model).to(torch.bfloat16)
+            paths.append(("dense bf16", "dense-bf16", bf16, smap.total_bytes if smap else None,
+                          touched_bytes(bf16)))
+        pt = session.pertoken
+        if pt is not None:  # the per-token path on its kernels, and as torch masks
+            nb = pt.bytes()
+            for kernels in ([True, False] if pt.cpu is not None else [False]):
+                paths.append((f"pertoken ({'cpu kernels' if kernels else 'torch masks'})",
+                              ("pertoken", kernels), session.model,
+                              nb["bytes"] * smap.total_bytes / nb["dense_bytes"],
+                              dense_fp32 * nb["fraction"]))
         skipped = []
         for c in class_ids:
             cls = session.classes[c]
@@ -160,12 +187,25 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             ids = torch.randint(0, vocab, (b, prompt_len), generator=gen).to(dev)
             dense_tok_s = None
             for name, cid, model, nbytes, fp32 in paths:
-                t = _time_path(model, ids, new_tokens, repeats, warmup, dev)
+                on_pt = isinstance(cid, tuple)
+                cpu = pt.cpu if on_pt else None
+                if on_pt and not cid[1]:
+                    pt.cpu = None  # the same plan as torch masks
+                try:
+                    t = _time_path(model, ids, new_tokens, repeats, warmup, dev,
+                                   pertoken=pt if on_pt else None)
+                finally:
+                    if on_pt:
+                        pt.cpu = cpu
                 med = t["decode_tok_s"]["median"]
                 dense_tok_s = med if cid is None else dense_tok_s
-                row = {"batch": b, "path": name, "class_id": cid,
-                       "density": 1.0 if cid is None else session.classes[cid].density,
-                       "prefill_on": "dense" if cid is None else "compact", **t,
+                static = isinstance(cid, int)
+                density = (pt.bytes()["fraction"] if on_pt else
+                           session.classes[cid].density if static else 1.0)
+                row = {"batch": b, "path": name, "class_id": cid if static else None,
+                       "density": density,
+                       "prefill_on": "compact" if static else "dense",
+                       **t,
                        "weight_bytes": nbytes, "weight_bytes_fp32": fp32,
                        # bytes-bound ceiling: dense bytes over this path's bytes, as run
                        # (fp32) and as stored (the bundle's dtype, embeddings counted whole)

@@ -35,6 +35,13 @@ from .frontend import analyze, load_model, weight_hash
 MIN_PROMPTS = 4
 HOLDOUT_FRACTION = 0.2
 LAYOUTS = ("gather", "compact")
+# The per-token path's default budget, as a fraction of dense weight bytes read per decode
+# token. Chosen for near-dense output (README, results/pertoken_quality_smollm2.md): on
+# SmolLM2 it keeps WikiText perplexity within a few percent of dense and greedy chat answers
+# read like the dense model's, where 0.5 already visibly degrades them.
+DEFAULT_BUDGET = 0.7
+ALLOC_PROMPTS = 32  # calibration prompts the allocation measures on (the rest: not needed)
+ALLOC_TOKENS = 256  # per prompt
 
 
 class _Phases:
@@ -75,8 +82,13 @@ class _Phases:
 
 def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
               heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
-              progress=True, allocation="uniform", kv_groups=False, skip_layers=0) -> dict:
-    """Build a bundle in `out`; return the build report (report.json + a "timing" section)."""
+              progress=True, allocation="uniform", kv_groups=False, skip_layers=0,
+              budget=None, max_kl=None, sketch_bits=3, pertoken=True) -> dict:
+    """Build a bundle in `out`; return the build report (report.json + a "timing" section).
+
+    The per-token path (the runtime's default) is allocated at `budget` (default
+    DEFAULT_BUDGET) x dense bytes per token, or at the smallest budget whose held-out KL is at
+    most `max_kl`; pertoken=False builds the static class paths only."""
     from .passes.cluster import alignment, cluster
     from .passes.lower import lower
     from .passes.constrain import (apply_permutation, channel_permutation, channel_profiles,
@@ -87,6 +99,14 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
 
     t_start = time.perf_counter()
     _check_args(density, classes, max_classes, layout, heads_keep, tile)
+    if budget is not None and max_kl is not None:
+        raise UserInputError("give either --budget or --max-kl, not both")
+    if budget is not None and not 0 < budget <= 1:
+        raise UserInputError(f"--budget must be in (0, 1], got {budget}")
+    if max_kl is not None and not max_kl >= 0:
+        raise UserInputError(f"--max-kl must be >= 0, got {max_kl}")
+    if sketch_bits not in (1, 2, 3, 4):
+        raise UserInputError(f"--sketch-bits must be 1..4, got {sketch_bits}")
     out = Path(out)
     if out.exists() and not force:  # refuse before any expensive work
         raise UserInputError(f"output directory {out} exists; pass --force to replace it")
@@ -149,6 +169,10 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
 
     with ph.phase("calibrating per-token input-sparsity thresholds"):
         input_sparsity = _input_sparsity(loaded.model, smap, supports, build_ids[:16], seed)
+    pertoken_json, sketch_tensors, pertoken_report = None, None, None
+    if pertoken:
+        pertoken_json, sketch_tensors, pertoken_report = _pertoken(
+            loaded.model, smap, build_ids, held_ids, budget, max_kl, sketch_bits, seed, ph)
 
     classes_json = []
     for c, sup in enumerate(supports):
@@ -160,7 +184,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
             "members": int((clus.labels == c).sum())})
     args = {"density": density, "classes": classes, "max_classes": max_classes, "layout": layout,
             "heads_keep": heads_keep, "tile": tile, "seed": seed, "allocation": allocation,
-            "kv_groups": kv_groups, "skip_layers": skip_layers}
+            "kv_groups": kv_groups, "skip_layers": skip_layers, "budget": budget,
+            "max_kl": max_kl, "sketch_bits": sketch_bits, "pertoken": pertoken}
     manifest = {
         "kind": "cscompile-bundle",
         "source": {"model_id": loaded.model_id, "path": str(loaded.source),
@@ -176,6 +201,7 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
                                            "perm[i]; class channel indices are post-permutation"},
         "refinement": {"enabled": False},
         "input_sparsity": input_sparsity,
+        "pertoken": pertoken_json,
         "build_args": args,
         "calibration": {"file_sha256": _file_sha256(calib), "n_prompts": len(rows),
                         "n_build": len(build_idx), "n_held_out": len(held_idx),
@@ -204,6 +230,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     tensors = {"weights.safetensors": weights,
                "router.safetensors": router.to_arrays(),
                "classes.safetensors": _class_tables(supports, perms)}
+    if sketch_tensors:
+        tensors["sketch.safetensors"] = sketch_tensors
     if layout == "compact":
         for c, sup in enumerate(supports):
             sliced = _dedup_tied(reduce_model(loaded.model, smap, sup).state_dict())[0]
@@ -228,6 +256,7 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         "skipped_layers": skipped,
         "layer_skip_kl": None if layer_costs is None else [float(c) for c in layer_costs],
         "prunable_bytes": smap.prunable_bytes(), "total_bytes": smap.total_bytes,
+        "pertoken": pertoken_report,
         "warnings": ph.warnings,
     }
     with ph.phase(f"writing bundle {out}"):
@@ -342,6 +371,60 @@ def _input_sparsity(model, smap, supports, prompts, seed) -> dict:
     est = estimate_support(model, smap, None, keep, method="teal", calib_prompts=prompts, seed=seed)
     return {"keep": keep, "calibration_prompts": len(prompts),
             "thresholds": {k: float(v) for k, v in est.info["thresholds"].items()}}
+
+
+def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph):
+    """Sketch, allocate and check the per-token path: (manifest section, sketch tensors,
+    report section). Runs on the permuted weights the bundle stores."""
+    from .passes.allocate import decode_kl, greedy_path, plan_at_kl, plan_for_budget
+    from .passes.sketch import sketch
+    from .runtime.pertoken import PerToken, plan_bytes
+
+    prompts = [ids[:ALLOC_TOKENS] for ids in build_ids[:ALLOC_PROMPTS]]
+    held = [ids[:ALLOC_TOKENS] for ids in held_ids[:ALLOC_PROMPTS]] or prompts
+    with ph.phase(f"sketching FFN and lm_head weights ({bits}-bit, rotated)"):
+        sk = sketch(model, smap, bits=bits, group=64, seed=seed)
+    with ph.counted(f"per-token operator menus on {len(prompts)} prompts",
+                    3 * smap.n_layers) as advance:
+        path, alloc_report = greedy_path(model, smap, prompts, sk, bits=bits, group=64,
+                                         progress=advance)
+    with ph.phase("allocating the byte budget"):
+        pt = PerToken(model, smap, path.start, sk)
+        try:
+            if max_kl is not None:
+                plan, steps, check = plan_at_kl(path, model, pt, held, max_kl)
+            else:
+                plan, steps = plan_for_budget(path, DEFAULT_BUDGET if budget is None else budget)
+                pt.configure(plan)
+                check = decode_kl(model, pt, held)
+            nbytes = plan_bytes(plan, pt.shapes)
+        finally:
+            pt.remove()
+    used = _sketches_used(plan, sk)
+    ops = {}
+    for layer in plan["layers"]:
+        for part, cfg in layer.items():
+            key = f"{part}:{cfg['op']}"
+            ops[key] = ops.get(key, 0) + 1
+    section = {"plan": plan, "sketch_file": "sketch.safetensors" if used else None,
+               "bytes_per_token": nbytes["bytes"], "dense_bytes_per_token": nbytes["dense_bytes"],
+               "fraction": nbytes["fraction"]}
+    report = {"budget": budget if max_kl is None else None, "max_kl": max_kl,
+              "fraction": nbytes["fraction"], "ffn_fraction": nbytes["ffn_fraction"],
+              "lm_head_fraction": nbytes["lm_head_fraction"], "steps": steps,
+              "path_steps": len(path.steps), "ops": ops, "held_out": check,
+              "held_out_prompts": len(held), "sketch_bytes": sum(
+                  t.numel() * t.element_size() for t in used.values()), **alloc_report}
+    return section, used, report
+
+
+def _sketches_used(plan, sketches) -> dict:
+    """Only the sketch tensors the plan reads (unused layers' sketches stay out of the bundle)."""
+    keep = {f"layers.{li}." for li, layer in enumerate(plan["layers"])
+            if layer["ffn"]["op"] == "sketch"}
+    if plan["lm_head"]["op"] == "sketch":
+        keep.add("lm_head.")
+    return {k: v for k, v in sketches.items() if any(k.startswith(p) for p in keep)}
 
 
 def _versions() -> dict:

@@ -89,31 +89,40 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
 @click.option("--heads-keep", type=click.IntRange(1), default=None,
               help="Keep exactly this many query heads per layer (default: heads compete for "
                    "the byte budget with FFN channels).")
-@click.option("--allocation", type=click.Choice(["uniform", "greedy"]), default="uniform",
-              show_default=True, help="uniform: all heads (or --heads-keep) and the same FFN "
-                                      "fraction per layer, ranked by class; greedy: heads and "
-                                      "FFN chunks compete by importance per byte across layers "
-                                      "(measured worse on SmolLM2, see README).")
 @click.option("--kv-groups", is_flag=True, help="Keep attention heads in whole kv groups.")
 @click.option("--skip-layers", default=0, show_default=True, type=click.IntRange(0),
               help="Drop this many whole layers: those whose removal alone costs least KL, "
                    "measured on build prompts.")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Per-token path: fraction of dense weight bytes each decode token reads, "
+                   "measurement included [default: 0.7, near-dense output].")
+@click.option("--max-kl", type=click.FloatRange(0), default=None,
+              help="Per-token path: instead of --budget, the smallest budget whose KL to dense "
+                   "on held-out calibration prompts is at most this.")
+@click.option("--sketch-bits", default=3, show_default=True, type=click.IntRange(1, 4),
+              help="Bits per weight of the rotated sketches that select FFN channels and "
+                   "lm_head candidates.")
+@click.option("--static-only", is_flag=True,
+              help="Build the static class paths only (no per-token path).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a fully pickled model.pt (runs code from the file).")
 @click.option("--json", "json_out", is_flag=True, help="Print the build report as JSON on stdout.")
 @friendly_errors
-def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep, allocation,
-          kv_groups, skip_layers, seed, force, trust_pickle, json_out):
-    """Compile MODEL + calibration prompts into a bundle of task classes and a router."""
+def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep,
+          kv_groups, skip_layers, budget, max_kl, sketch_bits, static_only, seed, force,
+          trust_pickle, json_out):
+    """Compile MODEL + calibration prompts into a bundle: a per-token sparse path at one byte
+    budget (the runtime's default), plus static task-class paths and a router."""
     from .build import run_build
 
     report = run_build(model, calib, out, density=density, classes=classes,
                        max_classes=max_classes, layout=layout, heads_keep=heads_keep,
                        tile=tile, seed=seed, force=force, trust_pickle=trust_pickle,
-                       progress=True, allocation=allocation, kv_groups=kv_groups,
-                       skip_layers=skip_layers)
+                       progress=True, kv_groups=kv_groups,
+                       skip_layers=skip_layers, budget=budget, max_kl=max_kl,
+                       sketch_bits=sketch_bits, pertoken=not static_only)
     if json_out:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

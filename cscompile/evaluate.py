@@ -296,6 +296,18 @@ def bundle_methods(session, refines) -> list[Method]:
         return method
 
     out = [make({c.id: ClassPath(model, smap, c.support) for c in session.classes}, "bundle")]
+    if session.pertoken is not None:  # the runtime's default path, on every position
+        from .runtime.generate import pertoken_steps
+
+        pt = session.pertoken
+
+        def run_pertoken(ids, p):
+            with pertoken_steps(pt):
+                logits = _logits(model, ids)
+            return logits, pt.bytes()["fraction"]
+        out.insert(0, Method("bundle+pertoken", None, "per_token", run_pertoken,
+                             note="the runtime's default path: the bundle's per-token plan "
+                                  "(bytes: of the dense model's bytes read per token)"))
     if session.input_sparsity:  # the runtime's refine mode "input", on every position
         from .runtime.refine import InputSparsity
 

@@ -1,4 +1,9 @@
-"""`cscompile run`: generate from a bundle (routed class paths) or a plain model (dense).
+"""`cscompile run`: generate from a bundle (its per-token path by default, or the routed static
+class path) or a plain model (dense).
+
+Refinement inside a class (widening to dense) and class switching lost to the per-token path
+everywhere they were measured (README), so they are no longer options here; their code stays
+in runtime.refine for `cscompile eval` and the benchmarks that compare against them.
 
 Registered in cscompile/cli.py with `main.add_command(run)`.
 """
@@ -14,25 +19,21 @@ from cscompile.errors import friendly_errors
 from cscompile.errors import UserInputError
 
 
-def _refine_config(refine_every, widen_threshold, inter_keep, refine_mode=None,
-                   switch_every=None):
-    from .refine import RefineConfig
-
-    if refine_every is None and widen_threshold is None and inter_keep is None \
-            and refine_mode is None and not switch_every:
-        return None
-    defaults = RefineConfig()
-    if widen_threshold is None:  # input mode is its own path: widen only when asked
-        widen_threshold = float("inf") if refine_mode == "input" else defaults.widen_threshold
-    return RefineConfig(every=refine_every or defaults.every, widen_threshold=widen_threshold,
-                        inter_keep=defaults.inter_keep if inter_keep is None else inter_keep,
-                        mode=refine_mode or "class", switch_every=switch_every or 0)
-
-
 def _stats_line(r) -> str:
     n = len(r.densities)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     widened = sum(1 for x in r.refinements if x["action"] == "widen")
+    if r.path == "pertoken":
+        worst = {k: max((m.get(k, 0.0) for m in r.missed), default=0.0)
+                 for k in ("qkv", "o", "ffn", "lm_head")}
+        missed = ", ".join(f"{k} {mean([m.get(k, 0.0) for m in r.missed]):.3f}/{v:.3f}"
+                           for k, v in worst.items())
+        return (f"per-token path | prompt {r.prompt_tokens} tok, prefill "
+                f"{r.prefill_s * 1e3:.1f} ms | {len(r.token_ids)} new tok, decode "
+                f"{r.decode_tokens_per_s:.1f} tok/s (batch {r.batch_size}) | "
+                f"{mean(r.bytes_per_token) / 1e6:.3f} MB/token = {mean(r.densities):.3f} of "
+                f"dense over {n} steps | missed (mean/worst step): {missed} | "
+                f"stop: {r.finish_reason}")
     return (f"class {r.class_id} ({r.path} path) | prompt {r.prompt_tokens} tok, prefill "
             f"{r.prefill_s * 1e3:.1f} ms | {len(r.token_ids)} new tok, decode "
             f"{r.decode_tokens_per_s:.1f} tok/s (batch {r.batch_size}) | mean density "
@@ -58,28 +59,18 @@ def _stats_line(r) -> str:
               type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--dense", is_flag=True, help="Decode on the dense model (no class path).")
+@click.option("--path", "path", type=click.Choice(["pertoken", "static", "dense"]), default=None,
+              help="Decode path [default: pertoken when the bundle has one, else static]: "
+                   "per-token sparse, the routed static class path, or dense.")
+@click.option("--dense", is_flag=True, help="Same as --path dense.")
 @click.option("--stats", is_flag=True, help="Print class, density, speed and bytes to stderr.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
-              show_default=True, help="auto = triton on a CUDA GPU (FFN decode kernels on the "
-                                      "class path), torch elsewhere.")
-@click.option("--refine-every", type=click.IntRange(1), default=None,
-              help="Refine the FFN support every r decode tokens (turns refinement on).")
-@click.option("--widen-threshold", type=click.FloatRange(0), default=None,
-              help="Widen a refined token to dense when its off-support energy fraction "
-                   "reaches this (0 = always dense, inf = never refine; default 0.1).")
-@click.option("--refine-mode", type=click.Choice(["class", "input"]), default=None,
-              help="class: refine inside the class's channels; input: TEAL-like per-token input "
-                   "sparsity on the dense weights at the class's bytes (turns refinement on).")
-@click.option("--switch-every", type=click.IntRange(1), default=None,
-              help="Re-route every s decode tokens and switch class when another fits better "
-                   "(turns refinement on).")
-@click.option("--inter-keep", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Fraction of the class's FFN channels a refined token keeps (default 1).")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "torch", "triton"]), default="auto",
+              show_default=True, help="auto = the CPU kernels on a CPU (per-token decode reads "
+                                      "only the kept weights; torch if they cannot build), "
+                                      "triton on a CUDA GPU (FFN kernels on the class path).")
 @friendly_errors
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
-        top_p, seed, chat, dense, stats, backend, refine_every, widen_threshold, refine_mode,
-        switch_every, inter_keep):
+        top_p, seed, chat, path, dense, stats, backend):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
@@ -94,7 +85,6 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         raise UserInputError("--output needs --input (a batch of prompts)")
     if batch_size > 1 and input_path is None:
         raise UserInputError("--batch-size needs --input (a batch of prompts)")
-    refine = _refine_config(refine_every, widen_threshold, inter_keep, refine_mode, switch_every)
     rows = None
     if input_path is not None:  # read the batch before the (slower) model load
         from cscompile.calib import read_prompts
@@ -104,7 +94,7 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
             raise UserInputError(f"{input_path}: no prompts")
     session = load(target, backend=backend)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-               chat=chat, dense=dense, refine=refine)
+               chat=chat, dense=dense, path=path)
 
     if rows is not None:
         out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout

@@ -56,10 +56,12 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from cscompile.compat import cache_kwargs
 from cscompile.errors import UserInputError
 
 from .refine import (InputSparsity, RefineConfig, energy_fraction, measurement_bytes,
@@ -86,6 +88,13 @@ class Result:
     finish_reason: str  # eos | length | context
     batch_size: int = 1  # rows decoded together, one forward per step (generate_batch); 1 =
     # decoded alone: a single prompt, a refined class path, or a chunk of one row
+    missed: list[dict] = None  # per decode step on the per-token path: per part (qkv, o,
+    # ffn, lm_head) the worst layer's estimate of what the support missed (energy share off
+    # the support; for lm_head the sketch's probability mass off the candidates)
+
+    def __post_init__(self):
+        if self.missed is None:
+            self.missed = []
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -321,7 +330,7 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
     t0 = time.perf_counter()
     cache = DynamicCache(config=model.config)
     try:
-        out = model(input_ids=torch.tensor([ids], device=session.device), past_key_values=cache,
+        out = model(input_ids=torch.tensor([ids], device=session.device), **cache_kwargs(model, cache),
                     use_cache=True, **opts.keep_last)
     finally:
         if hooks:
@@ -333,13 +342,41 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
                       hooks.pooled.cpu() if hooks else None)
 
 
-class _Path:
-    """The decode path of a routed row: its class (compact copy or masks) or the dense model,
-    and the byte accounting of its steps."""
+PATHS = ("pertoken", "static", "dense")
 
-    def __init__(self, session, class_id, dense: bool, refine: RefineConfig | None):
+
+def path_kind(session, path: str | None, dense: bool = False) -> str:
+    """The decode path a request gets: `path` if given (dense=True means "dense"), else the
+    session's default (the per-token path when the bundle has one, else the static class
+    path; dense for a plain model)."""
+    if dense:
+        path = path or "dense"
+        if path != "dense":
+            raise UserInputError(f"dense=True contradicts path={path!r}")
+    if path is None:
+        return session.default_path
+    if path not in PATHS:
+        raise UserInputError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "pertoken" and session.pertoken is None:
+        raise UserInputError(f"{session.source} has no per-token plan (a plain model, or a "
+                             f"bundle built without one)")
+    if path == "static" and not session.is_bundle:
+        raise UserInputError(f"{session.source} is a model, not a bundle: it has no class paths")
+    return path
+
+
+class _Path:
+    """The decode path of a routed row: the per-token path, its static class (compact copy or
+    masks) or the dense model, and the byte accounting of its steps."""
+
+    def __init__(self, session, class_id, kind: str, refine: RefineConfig | None):
         smap = session.smap
-        self.use_class = class_id is not None and not dense
+        self.kind = kind
+        self.pertoken = session.pertoken if kind == "pertoken" else None
+        if self.pertoken is not None:
+            nb = self.pertoken.bytes()
+            self.pertoken_bytes, self.pertoken_fraction = int(round(nb["bytes"])), nb["fraction"]
+        self.use_class = class_id is not None and kind == "static"
         self.cls = session.classes[class_id] if self.use_class else None
         self.compact = (session.compact_model(class_id) if self.use_class and refine is None
                         and session.execution == "compact" else None)
@@ -355,11 +392,11 @@ class _Path:
 
     @property
     def name(self) -> str:
-        return "class" if self.use_class else "dense"
+        return "class" if self.use_class else self.kind
 
 
 def _result(session, pre: _Prefilled, path: _Path, generated, densities, energy, nbytes, log,
-            decode_s, finish, batch_size) -> Result:
+            decode_s, finish, batch_size, missed=None) -> Result:
     n_steps = len(densities)
     return Result(
         text=session.tokenizer.decode(generated, skip_special_tokens=True),
@@ -368,18 +405,45 @@ def _result(session, pre: _Prefilled, path: _Path, generated, densities, energy,
         refinements=log, prefill_s=pre.prefill_s, decode_s=decode_s,
         tokens_per_s=len(generated) / max(pre.prefill_s + decode_s, 1e-9),
         decode_tokens_per_s=n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
-        finish_reason=finish, batch_size=batch_size)
+        finish_reason=finish, batch_size=batch_size, missed=missed or [])
 
 
 @torch.no_grad()
 def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-             dense: bool = False, refine: RefineConfig | None = None, stream=None) -> Result:
-    """Prefill dense, route, then decode on the class path (see the module docstring)."""
+             dense: bool = False, refine: RefineConfig | None = None, stream=None,
+             path: str | None = None) -> Result:
+    """Prefill dense, route, then decode on the chosen path (see the module docstring)."""
+    kind = path_kind(session, path, dense)
     opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
     pre = _prefill(session, _prompt_ids(session, prompt, chat), opts)
-    return _decode_one(session, pre, _Path(session, pre.class_id, dense, opts.refine), opts,
+    return _decode_one(session, pre, _Path(session, pre.class_id, kind, opts.refine), opts,
                        stream)
+
+
+@contextmanager
+def pertoken_steps(pt):
+    """Forwards inside run on the per-token path; outside, the model is the plain dense model
+    (prefill, dense and class paths never see the swapped modules)."""
+    pt.stats.clear()
+    pt.attach()
+    pt.mode = "pertoken"
+    try:
+        yield pt
+    finally:
+        pt.mode = "dense"
+        pt.detach()
+
+
+def _pertoken_step(path: _Path, run):
+    """Run one decode forward on the per-token path; returns (output, per-row missed dicts)."""
+    pt = path.pertoken
+    with pertoken_steps(pt):
+        out = run()
+    worst = pt.missed()
+    n = out.logits.shape[0]
+    rows = [{k: float(v.view(n, -1)[i, -1]) for k, v in worst.items()} for i in range(n)]
+    return out, rows
 
 
 def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -> Result:
@@ -400,7 +464,7 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
         feature_sum, n_feature = pre.pooled * len(pre.ids), len(pre.ids)
 
     streamer = _Streamer(session.tokenizer, stream)
-    generated, densities, energy, nbytes, log = [], [], [], [], []
+    generated, densities, energy, nbytes, log, missed = [], [], [], [], [], []
 
     def record(density, e, step_bytes):
         densities.append(density)
@@ -431,7 +495,14 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
             if hooks:
                 hooks.mode = mode
             step_in = torch.tensor([[token]], device=dev)
-            out = step_model(input_ids=step_in, past_key_values=cache, use_cache=True,
+            if path.pertoken is not None:
+                out, (m,) = _pertoken_step(path, lambda: model(
+                    input_ids=step_in, **cache_kwargs(model, cache), use_cache=True, **keep_last))
+                missed.append(m)
+                record(path.pertoken_fraction, 1.0 - m.get("ffn", 0.0), path.pertoken_bytes)
+                token = sample(out.logits[0, -1], opts.temperature, opts.top_p, gen)
+                continue
+            out = step_model(input_ids=step_in, **cache_kwargs(step_model, cache), use_cache=True,
                              **keep_last)
             if mode == "dense":
                 record(1.0, 1.0, path.total_bytes)
@@ -444,7 +515,7 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                     action, density = "widen", 1.0
                     cache.crop(-1)
                     sparsity.on = False
-                    out = model(input_ids=step_in, past_key_values=cache, use_cache=True,
+                    out = model(input_ids=step_in, **cache_kwargs(model, cache), use_cache=True,
                                 **keep_last)
                     step_bytes += path.total_bytes
                 record(density, e, step_bytes)
@@ -465,7 +536,7 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                     action, density = "widen", 1.0
                     cache.crop(-1)  # drop this token's k/v
                     hooks.mode = "dense"
-                    out = model(input_ids=step_in, past_key_values=cache, use_cache=True,
+                    out = model(input_ids=step_in, **cache_kwargs(model, cache), use_cache=True,
                                 **keep_last)
                     step_bytes += path.total_bytes
                 record(density, e, step_bytes)
@@ -479,7 +550,7 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                         log.append({"token": len(generated), "action": "switch",
                                     "from": path.cls.id, "to": best})
                         hooks.remove()
-                        path = _Path(session, best, False, refine)
+                        path = _Path(session, best, "static", refine)
                         cls = path.cls
                         hooks = _PathHooks(model, smap, path.cls.support, refine,
                                            session.router.layer)
@@ -489,7 +560,7 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
             if h is not None:
                 h.remove()
     return _result(session, pre, path, generated, densities, energy, nbytes, log,
-                   time.perf_counter() - t1, finish, 1)
+                   time.perf_counter() - t1, finish, 1, missed)
 
 
 def _input_thresholds(session) -> dict:
@@ -549,6 +620,7 @@ def _decode_chunk(session, rows: list[_Prefilled], path: _Path, opts: _Options,
     streamers = [_Streamer(session.tokenizer, s) for s in streams]
     generated = [[] for _ in rows]
     densities, energy, nbytes = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
+    missed = [[] for _ in rows]
     finish, live = ["length"] * n, [True] * n
     t1 = time.perf_counter()
     try:
@@ -572,35 +644,47 @@ def _decode_chunk(session, rows: list[_Prefilled], path: _Path, opts: _Options,
             # position embeddings have no row past it)
             mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]],
                              dim=1)
-            out = step_model(input_ids=torch.tensor(tokens, device=dev)[:, None],
-                             attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                             past_key_values=cache, use_cache=True, **opts.keep_last)
+            def step():
+                return step_model(input_ids=torch.tensor(tokens, device=dev)[:, None],
+                                  attention_mask=mask,
+                                  position_ids=mask.sum(-1, keepdim=True) - 1,
+                                  **cache_kwargs(step_model, cache), use_cache=True,
+                                  **opts.keep_last)
+            row_missed = None
+            if path.pertoken is not None:
+                out, row_missed = _pertoken_step(path, step)
+            else:
+                out = step()
             for i in range(n):
                 if not live[i]:
                     continue
-                if path.use_class:
+                if row_missed is not None:
+                    missed[i].append(row_missed[i])
+                    step_stats = (path.pertoken_fraction, 1.0 - row_missed[i].get("ffn", 0.0),
+                                  path.pertoken_bytes)
+                elif path.use_class:
                     e = (min((float(t[i]) for t in hooks.row_energy.values()), default=1.0)
                          if hooks else None)
-                    step = (cls.density, e, path.class_bytes)
+                    step_stats = (cls.density, e, path.class_bytes)
                 else:
-                    step = (1.0, 1.0, path.total_bytes)
-                densities[i].append(step[0])
-                energy[i].append(step[1])
-                nbytes[i].append(step[2])
+                    step_stats = (1.0, 1.0, path.total_bytes)
+                densities[i].append(step_stats[0])
+                energy[i].append(step_stats[1])
+                nbytes[i].append(step_stats[2])
                 tokens[i] = sample(out.logits[i, -1], opts.temperature, opts.top_p, gens[i])
     finally:
         if hooks:
             hooks.remove()
     decode_s = time.perf_counter() - t1
     return [_result(session, r, path, generated[i], densities[i], energy[i], nbytes[i], [],
-                    decode_s, finish[i], n) for i, r in enumerate(rows)]
+                    decode_s, finish[i], n, missed[i]) for i, r in enumerate(rows)]
 
 
 @torch.no_grad()
 def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                    chat: bool = False, dense: bool = False, refine: RefineConfig | None = None,
-                   stream=None) -> list[Result]:
+                   stream=None, path: str | None = None) -> list[Result]:
     """Generate for every prompt, batching rows routed to the same path (see the module
     docstring); results in input order. `stream`, if given, is called as stream(index, text).
 
@@ -610,6 +694,7 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
         raise UserInputError("generate_batch takes a list of prompts, not one string")
     if batch_size < 1:
         raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+    kind = path_kind(session, path, dense)
     opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
     all_ids = []
     for i, prompt in enumerate(prompts):  # refuse bad input before any compute
@@ -637,12 +722,12 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
 
     for i, ids in enumerate(all_ids):
         pre = _prefill(session, ids, opts)
-        path = _Path(session, pre.class_id, dense, opts.refine)
-        if batch_size == 1 or (path.use_class and opts.refine) or not _batchable(pre.cache):
-            results[i] = _decode_one(session, pre, path, opts, stream_for(i))
+        row_path = _Path(session, pre.class_id, kind, opts.refine)
+        if batch_size == 1 or (row_path.use_class and opts.refine) or not _batchable(pre.cache):
+            results[i] = _decode_one(session, pre, row_path, opts, stream_for(i))
             continue
-        key = ("class", pre.class_id) if path.use_class else ("dense",)
-        pending.setdefault(key, []).append((i, pre, path))
+        key = ("class", pre.class_id) if row_path.use_class else (kind,)
+        pending.setdefault(key, []).append((i, pre, row_path))
         if len(pending[key]) == batch_size:
             flush(key)
     for key in list(pending):

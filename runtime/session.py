@@ -5,7 +5,9 @@ model from the manifest's config and `weights.safetensors` (FFN channels already
 tied weights restored), and reads the StructureMap, the class supports and the router. Given
 a model instead of a bundle (a named model, an HF directory, ...), the session runs dense only.
 
-Backends: `torch` runs a static class path on a physically reduced copy of the model
+Backends: `cpu` (automatic on a CPU when its kernels build) runs the per-token path's decode
+steps on runtime.cpu_kernels, reading only the kept weights; everything else as `torch`.
+`torch` runs a static class path on a physically reduced copy of the model
 (`reduce_model`, built lazily per class and cached; execution="compact") or as masks over the
 dense weights (execution="masked", also what refinement uses), on CPU or GPU. `triton` is the
 same compact copy with its FFNs running the lowering's `ffn_decode` kernel at decode steps
@@ -24,7 +26,7 @@ from cscompile.errors import BundleError, UserInputError
 from cscompile.execute import Support
 from cscompile.structure import StructureMap
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 @dataclass
@@ -52,7 +54,16 @@ class Session:
     execution: str = "compact"
     # manifest "input_sparsity": TEAL-like thresholds for refine mode "input" (None: older bundle)
     input_sparsity: dict | None = None
+    # the bundle's per-token path (runtime.pertoken.PerToken, installed on `model`, mode
+    # "dense" outside its decode steps); None for a plain model or a bundle without a plan
+    pertoken: object | None = None
     _compact: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def default_path(self) -> str:
+        if self.pertoken is not None:
+            return "pertoken"
+        return "static" if self.is_bundle else "dense"
 
     def compact_model(self, class_id: int):
         """The class's reduced model (reduce_model), built once; None where it cannot be used
@@ -81,17 +92,19 @@ class Session:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-                 dense: bool = False, refine=None, stream=None):
-        """Generate a continuation of `prompt`; see runtime.generate.generate."""
+                 dense: bool = False, refine=None, stream=None, path: str | None = None):
+        """Generate a continuation of `prompt`; see runtime.generate.generate. `path`:
+        "pertoken" (the default for a bundle that has a plan), "static" or "dense"."""
         from .generate import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
-                        stream=stream)
+                        stream=stream, path=path)
 
     def generate_batch(self, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       chat: bool = False, dense: bool = False, refine=None, stream=None):
+                       chat: bool = False, dense: bool = False, refine=None, stream=None,
+                       path: str | None = None):
         """Generate for several prompts, rows of the same class decoded together in chunks of
         `batch_size`; results in input order. See runtime.generate.generate_batch."""
         from .generate import generate_batch
@@ -99,7 +112,7 @@ class Session:
         return generate_batch(self, prompts, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
-                              stream=stream)
+                              stream=stream, path=path)
 
 
 def load(path, backend: str = "auto", device=None, execution: str = "compact") -> Session:
@@ -119,7 +132,7 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
                                  f"{', '.join(sorted(NAMED_MODELS))})")
     looks_like_bundle = (p / "manifest.json").exists() or (
         p.is_dir() and not (p / "config.json").exists())
-    session = _load_bundle(p) if looks_like_bundle else _load_plain_model(path)
+    session = _load_bundle(p, backend) if looks_like_bundle else _load_plain_model(path)
     session.model.to(device).eval()
     session.device = device
     session.execution = execution
@@ -128,9 +141,23 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
-    """auto: Triton kernels on CUDA, torch elsewhere; an explicit triton must be runnable."""
+    """auto: Triton kernels on CUDA, the CPU kernels on a CPU (torch where they cannot build,
+    with a one-line notice); an explicit triton or cpu must be runnable."""
     from .triton_backend import triton_available
 
+    if backend in ("auto", "cpu") and device.type == "cpu":
+        from .cpu_kernels import available, disabled
+
+        if available():
+            return "cpu"
+        if backend == "cpu" and disabled():
+            raise UserInputError("backend cpu: the CPU kernels are disabled "
+                                 "(CSCOMPILE_CPU_KERNELS=0)")
+        if backend == "cpu":
+            raise UserInputError("backend cpu: the CPU kernels could not be built here")
+        return "torch"
+    if backend == "cpu":
+        raise UserInputError(f"backend cpu needs the CPU device, got {device}")
     usable, reason = triton_available(device)
     if backend == "auto":
         return "triton" if usable and reason == "cuda" else "torch"
@@ -140,7 +167,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- bundles
-def _load_bundle(path: Path) -> Session:
+def _load_bundle(path: Path, backend: str = "torch") -> Session:
     from cscompile.bundle import load_bundle
     from cscompile.passes.route import Router
 
@@ -159,8 +186,29 @@ def _load_bundle(path: Path) -> Session:
     if router.n_classes != len(classes):
         raise BundleError(f"bundle {path}: router knows {router.n_classes} classes, manifest "
                           f"lists {len(classes)}")
+    pertoken = _pertoken_from_bundle(bundle, model, smap, backend)
     return Session(model, _tokenizer_from_bundle(bundle), smap, classes, router,
-                   source=str(path), is_bundle=True, input_sparsity=man.get("input_sparsity"))
+                   source=str(path), is_bundle=True, input_sparsity=man.get("input_sparsity"),
+                   pertoken=pertoken)
+
+
+def _pertoken_from_bundle(bundle, model, smap, backend: str):
+    """The per-token path of the manifest's "pertoken" section, installed on `model`."""
+    from .pertoken import PerToken
+
+    spec = bundle.manifest.get("pertoken")
+    if not spec:
+        return None
+    try:
+        plan, file = spec["plan"], spec["sketch_file"]
+    except (KeyError, TypeError):
+        raise BundleError(f"bundle {bundle.path}: malformed pertoken section") from None
+    sketches = bundle.tensors(file) if file else {}
+    elsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(bundle.manifest.get("weights_dtype"))
+    pt = PerToken(model, smap, plan, sketches, elsize=elsize,
+                  backend="cpu" if backend == "cpu" else "torch")
+    pt.detach()  # attached by the decode steps that use it (runtime.generate)
+    return pt
 
 
 def _source_dir(bundle) -> Path:

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def bundle(stories_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "bundle"
-    run_build(str(stories_dir), EXAMPLES, out, progress=False)
+    # static class paths only: these tests are about them (test_runtime_pertoken.py tests the
+    # per-token path, the default of a bundle that has one)
+    run_build(str(stories_dir), EXAMPLES, out, progress=False, pertoken=False)
     return out
 
 
@@ -383,15 +385,14 @@ def test_cli_batch_writes_one_line_per_prompt(bundle, tmp_path):
     inp.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
                            for i, p in enumerate(PROMPTS)))
     r = CliRunner().invoke(run, [str(bundle), "--input", str(inp), "--output", str(out),
-                                 "--max-new-tokens", "8", "--refine-every", "2",
-                                 "--widen-threshold", "0.2"])
+                                 "--max-new-tokens", "8"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["id"] for row in rows] == [0, 1, 2]
     for row in rows:
         assert row["text"] and row["class_id"] is not None and row["tokens_per_s"] > 0
         assert len(row["densities"]) == len(row["token_ids"]) - 1
-        assert row["refinements"] and {"token", "action", "energy"} <= set(row["refinements"][0])
+        assert row["path"] == "class" and row["refinements"] == []
 
 
 def test_cli_stdin_prompts(bundle):

@@ -1,0 +1,514 @@
+"""
+CPU sparse GEMV kernels for per-token sparse decoding
+=====================================================
+
+At each decode step cheap measurements pick which inputs (or output rows) of a weight matrix a
+token needs; a batch-1..16 GEMV is memory-bound, so its time is the bytes it reads. These
+kernels read only the kept weights, in fp32 accumulation, near the machine's read bandwidth.
+They are a C++/OpenMP library (``runtime/csrc/sparse_gemv.cpp``) compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja, ``-O3 -march=native -fopenmp``) into
+``<cscompile cache>/torch_extensions/<name>``, the name carrying a fingerprint of the CPU, the
+compiler flags and the source, so another CPU never reuses a binary built for this one. The
+library has a plain C ABI called through ctypes (no torch headers: the first build takes
+seconds, not a minute). When it cannot be built, or ``CSCOMPILE_CPU_KERNELS=0``, every wrapper
+computes the same result with its torch reference (one notice on stderr when a build fails).
+
+Operators (x is float32 [B, K], B = 1..16 typical; all accumulate in fp32, return float32):
+
+* ``dense_gemv(w, x, scale=None)``           x @ w.T -> [B, N]; w [N, K] row-major
+* ``rows_gemv(w, x, idx, scale=None)``       x @ w[idx].T -> [B, m]; kept output rows (gate/up rows
+                                             of kept FFN channels, lm_head candidate rows)
+* ``gather_gemv(wt, x, idx, scale=None)``    x[:, idx] @ wt[idx] -> [B, N]; wt [K, N] input-major
+                                             (TEAL's layout: input k's weights are row wt[k]);
+                                             kept inputs of q/k/v/o/gate/up, or kept intermediate
+                                             channels of the down projection (wd_t = W_down.T)
+* ``ffn_sparse(wg, wu, wd_t, x, idx)``       Σ_{j∈idx} silu(wg[j]·x) (wu[j]·x) wd_t[j] -> [B, H];
+                                             wg, wu, wd_t [I, H]; one pass, 3 rows per channel
+* ``sketch_gemv(packed, scales, x, bits, group, k)``   x @ dequant(sketch).T -> [B, N] straight
+                                             from runtime/pack.py's packed b-bit words (1..4 bits)
+* ``read_bandwidth(buf)``                    sum of buf's bytes (a streaming read, used by
+                                             benchmarks/cpu_kernels.py to measure bandwidth)
+
+Weights are float32, bfloat16 or int8; int8 needs ``scale`` (float32, one per output: [N] for
+dense / gather, [N] of the full matrix for rows_gemv, indexed by idx), which float weights may
+also take. ``idx`` is a 1-D int32 (or int64) tensor of kept indices (sorted unique in practice;
+duplicates count twice, as in the reference), or None for all of them; an empty idx gives zeros
+(gather / ffn) or a [B, 0] result (rows). Threads: ``torch.get_num_threads()`` (matrices under
+64 KiB run on one). Every ``*_reference`` is the plain-torch definition the tests check against.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .pack import sketch_gemv_reference, values_per_word
+
+__all__ = [
+    "available", "load_extension", "disabled",
+    "dense_gemv", "rows_gemv", "gather_gemv", "ffn_sparse", "sketch_gemv", "read_bandwidth",
+    "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference",
+    "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
+]
+
+ENV = "CSCOMPILE_CPU_KERNELS"  # "0" forces the torch fallback
+_ENV_KEY = ENV.encode()
+SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
+ABI_VERSION = 1
+FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+FLAGS_PORTABLE = ["-O3", "-fopenmp", "-std=c++17"]  # if -march=native does not build
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "path": None, "error": None}
+
+
+# --------------------------------------------------------------------------- loading
+def disabled() -> bool:
+    """True when $CSCOMPILE_CPU_KERNELS is 0 / false / off / no (every op uses torch)."""
+    # os.environ's own lookup costs ~1 us (it encodes the key); its bytes dict is the same data
+    data = getattr(os.environ, "_data", None)
+    if data is not None and isinstance(next(iter(data), b""), bytes):
+        value = data.get(_ENV_KEY)
+        if value is None:
+            return False
+        value = value.decode(errors="replace")
+    else:  # pragma: no cover - not CPython on POSIX
+        value = os.environ.get(ENV)
+        if value is None:
+            return False
+    return value.strip().lower() in ("0", "false", "off", "no")
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags, plus the machine."""
+    info = platform.machine()
+    try:
+        model = flags = ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu model", "Model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features", "isa") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if model and flags:
+                    break
+        info += "|" + model + "|" + flags
+    except OSError:
+        info += "|" + platform.processor()
+    return info
+
+
+def _build_name(flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (_cpu_fingerprint(), " ".join(flags), torch.__version__, sys.version,
+                 SOURCE.read_bytes().hex()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return "cscompile_sparse_gemv_" + h.hexdigest()[:16]
+
+
+def build_root() -> Path:
+    """<cscompile cache root>/torch_extensions ($CSCOMPILE_CACHE or the user cache dir)."""
+    from cscompile.models import cache_root
+
+    return cache_root() / "torch_extensions"
+
+
+def _bind(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.csc_abi_version.restype = i32
+    lib.csc_abi_version.argtypes = []
+    lib.csc_has_avx2.restype = i32
+    lib.csc_has_avx2.argtypes = []
+    lib.csc_rows.restype = i64
+    lib.csc_rows.argtypes = [i32, p, i64, i64, p, i64, p, i64, p, p, i32]
+    lib.csc_gather.restype = i64
+    lib.csc_gather.argtypes = [i32, p, i64, i64, p, i64, p, i64, p, p, i32]
+    lib.csc_ffn.restype = i64
+    lib.csc_ffn.argtypes = [i32, p, p, p, i64, i64, p, i64, p, i64, p, i32]
+    lib.csc_sketch.restype = i64
+    lib.csc_sketch.argtypes = [i32, p, i64, p, i64, p, i64, i64, i64, i64, p, i32]
+    lib.csc_read.restype = i64
+    lib.csc_read.argtypes = [p, i64, i32]
+    if lib.csc_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"ABI version {lib.csc_abi_version()} != {ABI_VERSION}")
+    return lib
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """A wrong binary (or a miscompile) must not silently give wrong numbers."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 75, generator=g)
+    x = torch.randn(3, 75, generator=g)
+    y = torch.empty(3, 37)
+    lib.csc_rows(0, w.data_ptr(), 37, 75, x.data_ptr(), 3, None, 37, None, y.data_ptr(), 2)
+    if not torch.allclose(y, x @ w.T, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("self-check failed: dense_gemv disagrees with torch")
+
+
+def load_extension(verbose: bool = False):
+    """The compiled kernel library (a ctypes.CDLL), or None when it is disabled or cannot be built.
+
+    Builds once per process (thread-safe) and once per machine (cached on disk); a failed build
+    prints one line on stderr and is not retried in this process."""
+    if disabled():
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        errors = []
+        for flags in (FLAGS_NATIVE, FLAGS_PORTABLE):
+            try:
+                from torch.utils.cpp_extension import load
+
+                name = _build_name(flags)
+                build_dir = build_root() / name
+                build_dir.mkdir(parents=True, exist_ok=True)
+                path = load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                            extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                            is_python_module=False, verbose=verbose)
+                lib = _bind(str(path))
+                _self_check(lib)
+                _state.update(lib=lib, path=str(path), error=None)
+                break
+            except Exception as e:  # noqa: BLE001 - any build / load failure means fallback
+                errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        else:
+            _state["error"] = "; ".join(errors)
+            print(f"cscompile: CPU sparse kernels unavailable ({errors[-1]}); using the torch "
+                  f"fallback", file=sys.stderr)
+        _state["tried"] = True
+        return _state["lib"]
+
+
+def available() -> bool:
+    """True when the compiled kernels are in use (built, loaded, and not disabled by the env)."""
+    return load_extension() is not None
+
+
+def _lib():
+    if disabled():
+        return None
+    return _state["lib"] if _state["tried"] else load_extension()
+
+
+# --------------------------------------------------------------------------- validation
+def _check_cpu(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+
+
+def _check_w(w: torch.Tensor, name: str, int8_ok: bool = True) -> None:
+    _check_cpu(w, name)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
+    allowed = (torch.float32, torch.bfloat16, torch.int8) if int8_ok else (torch.float32, torch.bfloat16)
+    if w.dtype not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(str(d) for d in allowed)}, got {w.dtype}")
+    if not w.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (copying weights per call defeats the kernel)")
+
+
+def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    _check_cpu(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [B, K], got shape {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} inputs, the weights take {k}")
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _check_idx(idx, limit: int, what: str):
+    if idx is None:
+        return None
+    _check_cpu(idx, "idx")
+    if idx.dim() != 1:
+        raise ValueError(f"idx must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx must be int32 (or int64), got {idx.dtype}")
+    if idx.dtype != torch.int32:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+            raise ValueError(f"idx holds {what} outside [0, {limit})")
+        idx = idx.to(torch.int32)
+    return idx if idx.is_contiguous() else idx.contiguous()
+
+
+def _check_scale(w: torch.Tensor, scale, n: int, name: str = "w"):
+    if scale is None:
+        if w.dtype == torch.int8:
+            raise ValueError(f"int8 {name} needs scale (float32 [{n}], one per output)")
+        return None
+    _check_cpu(scale, "scale")
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.numel() != n:
+        raise ValueError(f"scale must be float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    return scale if scale.is_contiguous() else scale.contiguous()
+
+
+def _bad_idx(rc: int, idx: torch.Tensor, limit: int, what: str):
+    i = rc - 1
+    return ValueError(f"idx[{i}] = {int(idx[i])} is outside [0, {limit}) ({what})")
+
+
+def _ref_idx(idx, limit: int, what: str):
+    """The fallback's idx: int64, range-checked like the kernels (ValueError, not IndexError)."""
+    if idx is None:
+        return None
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
+        bad = int(((idx < 0) | (idx >= limit)).nonzero()[0, 0])
+        raise ValueError(f"idx[{bad}] = {int(idx[bad])} is outside [0, {limit}) ({what})")
+    return idx.long()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+# --------------------------------------------------------------------------- references
+def dense_gemv_reference(w: torch.Tensor, x: torch.Tensor, scale=None) -> torch.Tensor:
+    """x [B, K] @ w [N, K].T (* scale [N]) -> float32 [B, N]."""
+    y = x.float() @ w.float().T
+    return y * scale if scale is not None else y
+
+
+def rows_gemv_reference(w: torch.Tensor, x: torch.Tensor, idx, scale=None) -> torch.Tensor:
+    """x [B, K] @ w[idx].T (* scale[idx]) -> float32 [B, m]; idx None = all rows."""
+    if idx is None:
+        return dense_gemv_reference(w, x, scale)
+    idx = idx.long()
+    y = x.float() @ w[idx].float().T
+    return y * scale[idx] if scale is not None else y
+
+
+def gather_gemv_reference(wt: torch.Tensor, x: torch.Tensor, idx, scale=None) -> torch.Tensor:
+    """x[:, idx] @ wt[idx] (* scale [N]) -> float32 [B, N]; wt [K, N]; idx None = all inputs."""
+    if idx is None:
+        y = x.float() @ wt.float()
+    else:
+        idx = idx.long()
+        y = x.float()[:, idx] @ wt[idx].float()
+    return y * scale if scale is not None else y
+
+
+def ffn_sparse_reference(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, x: torch.Tensor,
+                         idx) -> torch.Tensor:
+    """Σ_{j∈idx} silu(wg[j]·x) (wu[j]·x) wd_t[j] -> float32 [B, H]; idx None = all channels."""
+    if idx is not None:
+        idx = idx.long()
+        wg, wu, wd_t = wg[idx], wu[idx], wd_t[idx]
+    x = x.float()
+    h = F.silu(x @ wg.float().T) * (x @ wu.float().T)
+    return h @ wd_t.float()
+
+
+def read_bandwidth_reference(buf: torch.Tensor) -> int:
+    """Sum of buf's bytes (as unsigned)."""
+    return int(buf.contiguous().reshape(-1).view(torch.uint8).sum(dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- wrappers
+# Every wrapper first tries a fast path (a handful of attribute checks, ~1 us: these calls take
+# 5-50 us at SmolLM2 sizes); anything unusual goes through the full validation, which raises the
+# ValueErrors or, when the library is unavailable, computes the torch reference.
+_F32, _I32 = torch.float32, torch.int32
+_get_threads = torch.get_num_threads
+_empty = torch.empty
+
+
+def _idx_fast(idx) -> bool:
+    return idx is None or (idx.dtype is _I32 and idx.dim() == 1 and idx.is_contiguous() and idx.is_cpu)
+
+
+def _scale_fast(scale, code: int, n: int) -> bool:
+    if scale is None:
+        return code != 2
+    return scale.dtype is _F32 and scale.is_contiguous() and scale.is_cpu and scale.numel() == n
+
+
+def _fast(w, x, code) -> bool:
+    ws, xs = w.shape, x.shape
+    return (code is not None and len(ws) == 2 and len(xs) == 2 and x.dtype is _F32
+            and w.is_contiguous() and x.is_contiguous() and w.is_cpu and x.is_cpu)
+
+
+def _threads() -> int:
+    return max(1, _get_threads())
+
+
+def dense_gemv(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] @ w [N, K].T (* scale [N]) -> float32 [B, N]; w float32 / bfloat16 / int8+scale."""
+    lib = _lib()
+    try:
+        code = _DTYPES.get(w.dtype)
+        fast = (lib is not None and _fast(w, x, code) and x.shape[1] == w.shape[1]
+                and _scale_fast(scale, code, w.shape[0]))
+    except AttributeError:
+        fast = False
+    if not fast:
+        _check_w(w, "w")
+        x = _check_x(x, w.shape[1])
+        scale = _check_scale(w, scale, w.shape[0])
+        if lib is None:
+            return dense_gemv_reference(w, x, scale)
+        code = _DTYPES[w.dtype]
+    n, k = w.shape
+    b = x.shape[0]
+    y = _empty(b, n)
+    lib.csc_rows(code, w.data_ptr(), n, k, x.data_ptr(), b, None, n,
+                 None if scale is None else scale.data_ptr(), y.data_ptr(), _threads())
+    return y
+
+
+def rows_gemv(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] @ w[idx].T (* scale[idx]) -> float32 [B, m]; w [N, K] row-major, idx int32 [m]."""
+    lib = _lib()
+    try:
+        code = _DTYPES.get(w.dtype)
+        fast = (lib is not None and _fast(w, x, code) and x.shape[1] == w.shape[1] and _idx_fast(idx)
+                and _scale_fast(scale, code, w.shape[0]))
+    except AttributeError:
+        fast = False
+    if not fast:
+        _check_w(w, "w")
+        x = _check_x(x, w.shape[1])
+        scale = _check_scale(w, scale, w.shape[0])
+        idx = _check_idx(idx, w.shape[0], "rows")
+        if lib is None:
+            return rows_gemv_reference(w, x, _ref_idx(idx, w.shape[0], "rows"), scale)
+        code = _DTYPES[w.dtype]
+    n, k = w.shape
+    b = x.shape[0]
+    m = n if idx is None else idx.shape[0]
+    y = _empty(b, m)
+    rc = lib.csc_rows(code, w.data_ptr(), n, k, x.data_ptr(), b, None if idx is None else idx.data_ptr(),
+                      m, None if scale is None else scale.data_ptr(), y.data_ptr(), _threads())
+    if rc:
+        raise _bad_idx(rc, idx, n, "rows")
+    return y
+
+
+def gather_gemv(wt: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x[:, idx] @ wt[idx] (* scale [N]) -> float32 [B, N]; wt [K, N] input-major, idx int32 [m]."""
+    lib = _lib()
+    try:
+        code = _DTYPES.get(wt.dtype)
+        fast = (lib is not None and _fast(wt, x, code) and x.shape[1] == wt.shape[0] and _idx_fast(idx)
+                and _scale_fast(scale, code, wt.shape[1]))
+    except AttributeError:
+        fast = False
+    if not fast:
+        _check_w(wt, "wt")
+        x = _check_x(x, wt.shape[0])
+        scale = _check_scale(wt, scale, wt.shape[1], "wt")
+        idx = _check_idx(idx, wt.shape[0], "inputs")
+        if lib is None:
+            return gather_gemv_reference(wt, x, _ref_idx(idx, wt.shape[0], "inputs"), scale)
+        code = _DTYPES[wt.dtype]
+    k, n = wt.shape
+    b = x.shape[0]
+    m = k if idx is None else idx.shape[0]
+    y = _empty(b, n)
+    rc = lib.csc_gather(code, wt.data_ptr(), k, n, x.data_ptr(), b, None if idx is None else idx.data_ptr(),
+                        m, None if scale is None else scale.data_ptr(), y.data_ptr(), _threads())
+    if rc:
+        raise _bad_idx(rc, idx, k, "inputs")
+    return y
+
+
+def ffn_sparse(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor, x: torch.Tensor,
+               idx: torch.Tensor | None) -> torch.Tensor:
+    """Σ_{j∈idx} silu(wg[j]·x) (wu[j]·x) wd_t[j] -> float32 [B, H]; wg, wu, wd_t [I, H] (wd_t =
+    W_down.T), float32 or bfloat16, one dtype; idx int32 [m] kept channels."""
+    lib = _lib()
+    try:
+        code = _DTYPES.get(wg.dtype)
+        fast = (lib is not None and code is not None and code != 2 and _fast(wg, x, code)
+                and x.shape[1] == wg.shape[1] and _idx_fast(idx)
+                and wu.dtype is wg.dtype and wd_t.dtype is wg.dtype and wu.shape == wg.shape
+                and wd_t.shape == wg.shape and wu.is_contiguous() and wd_t.is_contiguous()
+                and wu.is_cpu and wd_t.is_cpu)
+    except AttributeError:
+        fast = False
+    if not fast:
+        for t, name in ((wg, "wg"), (wu, "wu"), (wd_t, "wd_t")):
+            _check_w(t, name, int8_ok=False)
+        if wu.shape != wg.shape or wd_t.shape != wg.shape:
+            raise ValueError(f"wg, wu, wd_t must share one [I, H] shape, got {tuple(wg.shape)}, "
+                             f"{tuple(wu.shape)}, {tuple(wd_t.shape)}")
+        if wu.dtype != wg.dtype or wd_t.dtype != wg.dtype:
+            raise ValueError(f"wg, wu, wd_t must share one dtype, got {wg.dtype}, {wu.dtype}, {wd_t.dtype}")
+        x = _check_x(x, wg.shape[1])
+        idx = _check_idx(idx, wg.shape[0], "channels")
+        if lib is None:
+            return ffn_sparse_reference(wg, wu, wd_t, x, _ref_idx(idx, wg.shape[0], "channels"))
+        code = _DTYPES[wg.dtype]
+    i, h = wg.shape
+    b = x.shape[0]
+    m = i if idx is None else idx.shape[0]
+    y = _empty(b, h)
+    rc = lib.csc_ffn(code, wg.data_ptr(), wu.data_ptr(), wd_t.data_ptr(), i, h, x.data_ptr(), b,
+                     None if idx is None else idx.data_ptr(), m, y.data_ptr(), _threads())
+    if rc:
+        raise _bad_idx(rc, idx, i, "channels")
+    return y
+
+
+def sketch_gemv(packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int, group: int,
+                k: int) -> torch.Tensor:
+    """x [B, k] @ dequant(packed, scales).T -> float32 [B, N], read straight from runtime/pack.py's
+    packed int32 words [N, ceil(k / (32 // bits))] and float16 scales [N, ceil(k / group)]."""
+    bits, group, k = int(bits), int(group), int(k)
+    vpw = values_per_word(bits)  # ValueError unless 1..4
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    _check_cpu(packed, "packed")
+    _check_cpu(scales, "scales")
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"packed must be int32 [N, words], got {packed.dtype} {tuple(packed.shape)}")
+    n = packed.shape[0]
+    words, groups = -(-k // vpw), -(-k // group)
+    if packed.shape[1] != words:
+        raise ValueError(f"packed has {packed.shape[1]} words per row; {k} inputs at {bits} bits "
+                         f"need {words}")
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales must be float16 [{n}, {groups}], got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    x = _check_x(x, k)
+    lib = _lib()
+    if lib is None:
+        return sketch_gemv_reference(packed, scales, x, bits, group, k)
+    packed = packed.contiguous()
+    scales = scales.contiguous()
+    y = _empty(x.shape[0], n)
+    lib.csc_sketch(bits, packed.data_ptr(), words, scales.data_ptr(), groups, x.data_ptr(),
+                   x.shape[0], n, k, group, y.data_ptr(), _threads())
+    return y
+
+
+def read_bandwidth(buf: torch.Tensor) -> int:
+    """Sum of buf's bytes, read once with every thread (time it to measure read bandwidth)."""
+    _check_cpu(buf, "buf")
+    if not buf.is_contiguous():
+        raise ValueError("buf must be contiguous")
+    lib = _lib()
+    if lib is None:
+        return read_bandwidth_reference(buf)
+    return int(lib.csc_read(buf.data_ptr(), buf.numel() * buf.element_size(), _threads()))

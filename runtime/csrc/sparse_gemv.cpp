@@ -1,0 +1,698 @@
+// cscompile CPU backend: sparse GEMV kernels for per-token sparse decoding.
+//
+// Built on first use by runtime/cpu_kernels.py (torch.utils.cpp_extension.load, ninja,
+// -O3 -march=native -fopenmp, cached per CPU). Every kernel reads only the weights a token
+// needs and accumulates in fp32; the Python wrappers validate arguments and hold the torch
+// references each kernel is tested against.
+//
+// Layouts (see runtime/pack.py for the sketch / int8 storage contract):
+//   dense_gemv   w [N, K] row-major            y[b, n] = s[n] * w[n] . x[b]
+//   rows_gemv    w [N, K] row-major, idx [m]   y[b, i] = s[idx_i] * w[idx_i] . x[b]
+//   gather_gemv  wt [K, N] input-major, idx [m] (kept inputs)
+//                                              y[b, n] = s[n] * sum_i x[b, idx_i] wt[idx_i, n]
+//   ffn_sparse   wg, wu [I, H], wd_t [I, H], idx [m] (kept channels)
+//                                              y[b] = sum_i silu(wg[j].x[b]) (wu[j].x[b]) wd_t[j]
+//   sketch_gemv  packed int32 [N, ceil(K/vpw)], scales fp16 [N, ceil(K/group)]
+//                                              y[b, n] = sum_k scale(n,k) (code(n,k) - half) x[b, k]
+// Weights are fp32, bf16 (raw uint16 bits; bf16 -> fp32 is a 16-bit shift) or int8 (scale per
+// output). x is fp32 [B, K] contiguous, B small (1..16). Threads: at::get_num_threads(); dense /
+// rows / sketch split output rows, gather splits N into contiguous slices (no atomics), the
+// fused FFN splits kept channels with per-thread partial outputs summed at the end.
+//
+// Vector code is AVX2 + FMA (+F16C) with a portable scalar fallback; AVX-512 machines run the
+// AVX2 path.
+// No torch headers: the library exports a plain C ABI (extern "C" below) that the Python
+// wrappers call through ctypes with data pointers, which keeps the first build to seconds.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define CSC_AVX2 1
+#else
+#define CSC_AVX2 0
+#endif
+
+namespace {
+
+using bf16_t = uint16_t;
+
+// ----------------------------------------------------------------------------- scalar helpers
+inline float to_f(float v) { return v; }
+inline float to_f(int8_t v) { return static_cast<float>(v); }
+inline float to_f(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float half_to_f(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: renormalise
+    int e = -1;
+    do { ++e; man <<= 1; } while (!(man & 0x400u));
+    u = sign | ((112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Threads for a call reading `bytes` of weights: small matrices are not worth a second thread.
+inline int threads_for(int nt, int64_t bytes, int64_t units) {
+  nt = std::max(1, nt);
+  if (bytes < (64 << 10)) nt = 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, units)));
+}
+
+// [begin, end) of part t of n items split in nt near-equal contiguous parts
+inline void split(int64_t n, int nt, int t, int64_t* b, int64_t* e) {
+  int64_t q = n / nt, r = n % nt;
+  *b = t * q + std::min<int64_t>(t, r);
+  *e = *b + q + (t < r ? 1 : 0);
+}
+
+#if CSC_AVX2
+// ----------------------------------------------------------------------------- AVX2 helpers
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ----------------------------------------------------------------------------- row dots
+// One weight row at a time (a single sequential stream: interleaving several short rows
+// confuses the hardware prefetcher), with 4 independent FMA chains, while software-prefetching
+// the next kept row `nxt` (may be null) at the same pace.
+inline void prefetch(const void* p) {
+#if CSC_AVX2
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// out[b * ldo] = r[0:K] . x[b * ldx + 0:K], b < BT (BT in 1, 2, 4)
+template <typename T, int BT>
+inline void dot_row(const T* r, const T* nxt, const float* x, int64_t ldx, int64_t K, float* out,
+                    int64_t ldo) {
+  constexpr int U = 4 / BT;  // vectors per iteration: BT * U = 4 chains
+  constexpr int E = 8 * U;   // inputs per iteration
+  constexpr int LINE = 64 / static_cast<int>(sizeof(T));  // inputs per cache line
+  int64_t k = 0;
+#if CSC_AVX2
+  __m256 acc[BT][U];
+  for (int b = 0; b < BT; ++b)
+    for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
+  for (; k + E <= K; k += E) {
+    if (nxt) {
+      if constexpr (E >= LINE) {
+        for (int l = 0; l < E / LINE; ++l) prefetch(nxt + k + l * LINE);
+      } else {
+        if ((k & (LINE - 1)) == 0) prefetch(nxt + k);
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = load8(r + k + 8 * u);
+      for (int b = 0; b < BT; ++b)
+        acc[b][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * ldx + k + 8 * u), acc[b][u]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 w = load8(r + k);
+    for (int b = 0; b < BT; ++b) acc[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * ldx + k), acc[b][0]);
+  }
+  for (int b = 0; b < BT; ++b) {
+    __m256 t = acc[b][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[b][u]);
+    out[b * ldo] = hsum(t);
+  }
+#else
+  (void)nxt;
+  for (int b = 0; b < BT; ++b) out[b * ldo] = 0.0f;
+#endif
+  for (int b = 0; b < BT; ++b) {
+    float s = 0.0f;
+    for (int64_t kk = k; kk < K; ++kk) s += to_f(r[kk]) * x[b * ldx + kk];
+    out[b * ldo] += s;
+  }
+}
+
+// out[b * ldo] = r . x[b] for all b < B (x [B, K] contiguous); prefetches nxt in the first pass
+template <typename T>
+inline void dot_row_all(const T* r, const T* nxt, const float* x, int64_t B, int64_t K, float* out,
+                        int64_t ldo) {
+  if (B == 1) {
+    dot_row<T, 1>(r, nxt, x, K, K, out, ldo);
+    return;
+  }
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) dot_row<T, 4>(r, b ? nullptr : nxt, x + b * K, K, K, out + b * ldo, ldo);
+  for (; b + 2 <= B; b += 2) dot_row<T, 2>(r, b ? nullptr : nxt, x + b * K, K, K, out + b * ldo, ldo);
+  for (; b < B; ++b) dot_row<T, 1>(r, b ? nullptr : nxt, x + b * K, K, K, out + b * ldo, ldo);
+}
+
+// ----------------------------------------------------------------------------- axpy tile
+// y[b * ldy + n] += sum_{g < G} c[b * ldc + g] * rows[g][n], n in [n0, n1), b in [0, BT)
+// nxt (may be null): G rows prefetched over the same [n0, n1) at the pace these stream.
+template <typename T, int G, int BT>
+inline void axpy_tile(const T* const* rows, const float* c, int64_t ldc, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1, const T* const* nxt = nullptr) {
+  constexpr int64_t LINE = 64 / static_cast<int64_t>(sizeof(T));  // outputs per cache line
+  int64_t n = n0;
+#if CSC_AVX2
+  __m256 cv[BT][G];
+  for (int b = 0; b < BT; ++b)
+    for (int g = 0; g < G; ++g) cv[b][g] = _mm256_set1_ps(c[b * ldc + g]);
+  for (; n + 8 <= n1; n += 8) {
+    if (nxt && ((n - n0) & (LINE - 1)) == 0)
+      for (int g = 0; g < G; ++g) prefetch(nxt[g] + n);
+    __m256 w[G];
+    for (int g = 0; g < G; ++g) w[g] = load8(rows[g] + n);
+    for (int b = 0; b < BT; ++b) {
+      float* yp = y + b * ldy + n;
+      __m256 a = _mm256_loadu_ps(yp);
+      for (int g = 0; g < G; ++g) a = _mm256_fmadd_ps(w[g], cv[b][g], a);
+      _mm256_storeu_ps(yp, a);
+    }
+  }
+#endif
+  for (; n < n1; ++n)
+    for (int b = 0; b < BT; ++b) {
+      float a = y[b * ldy + n];
+      for (int g = 0; g < G; ++g) a += c[b * ldc + g] * to_f(rows[g][n]);
+      y[b * ldy + n] = a;
+    }
+}
+
+template <typename T, int G>
+inline void axpy_rows(const T* const* rows, const float* c, int64_t ldc, int64_t B, float* y,
+                      int64_t ldy, int64_t n0, int64_t n1, const T* const* nxt = nullptr) {
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2)
+    axpy_tile<T, G, 2>(rows, c + b * ldc, ldc, y + b * ldy, ldy, n0, n1, b ? nullptr : nxt);
+  for (; b < B; ++b) axpy_tile<T, G, 1>(rows, c + b * ldc, ldc, y + b * ldy, ldy, n0, n1, b ? nullptr : nxt);
+}
+
+// ----------------------------------------------------------------------------- rows / dense
+// y[b, i] = scale[row_i] * w[row_i] . x[b], row_i = idx ? idx[i] : i, i < M
+template <typename T>
+void rows_kernel(const T* w, int64_t K, const float* x, int64_t B, const int32_t* idx, int64_t M,
+                 const float* scale, float* y, int nthreads) {
+  const int nt = threads_for(nthreads, M * K * static_cast<int64_t>(sizeof(T)), M);
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    int64_t i0, i1;
+    split(M, nt, t, &i0, &i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = idx ? idx[i] : i;
+      const T* nxt = i + 1 < i1 ? w + static_cast<int64_t>(idx ? idx[i + 1] : i + 1) * K : nullptr;
+      dot_row_all<T>(w + row * K, nxt, x, B, K, y + i, M);
+      if (scale)
+        for (int64_t b = 0; b < B; ++b) y[b * M + i] *= scale[row];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- gather
+// y[b, n] = scale[n] * sum_{i<m} x[b, k_i] wt[k_i, n], k_i = idx ? idx[i] : i
+template <typename T>
+void gather_kernel(const T* wt, int64_t N, const float* x, int64_t B, int64_t K,
+                   const int32_t* idx, int64_t m, const float* scale, float* y, int nthreads) {
+  constexpr int G = 4;
+  // compact coefficients c[b, i] = x[b, k_i]
+  std::vector<float> cbuf(static_cast<size_t>(B * std::max<int64_t>(m, 1)));
+  float* c = cbuf.data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < m; ++i) c[b * m + i] = x[b * K + (idx ? idx[i] : i)];
+  constexpr int64_t ALIGN = 32;  // slice boundaries on 32 outputs (a cache line of bf16)
+  const int64_t nunits = (N + ALIGN - 1) / ALIGN;
+  const int nt = threads_for(nthreads, m * N * static_cast<int64_t>(sizeof(T)), nunits);
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    int64_t u0, u1;
+    split(nunits, nt, t, &u0, &u1);
+    const int64_t n0 = std::min(N, u0 * ALIGN), n1 = std::min(N, u1 * ALIGN);
+    if (n1 > n0) {
+      for (int64_t b = 0; b < B; ++b) std::memset(y + b * N + n0, 0, (n1 - n0) * sizeof(float));
+      int64_t i = 0;
+      for (; i + G <= m; i += G) {
+        const T *rows[G], *nxt[G];
+        for (int g = 0; g < G; ++g) {
+          rows[g] = wt + static_cast<int64_t>(idx ? idx[i + g] : i + g) * N;
+          // the next group's rows (the last group prefetches its own, harmlessly)
+          const int64_t in = i + G + g < m ? i + G + g : i + g;
+          nxt[g] = wt + static_cast<int64_t>(idx ? idx[in] : in) * N;
+        }
+        axpy_rows<T, G>(rows, c + i, m, B, y, N, n0, n1, nxt);
+      }
+      for (; i < m; ++i) {
+        const T* row = wt + static_cast<int64_t>(idx ? idx[i] : i) * N;
+        axpy_rows<T, 1>(&row, c + i, m, B, y, N, n0, n1);
+      }
+      if (scale)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t n = n0; n < n1; ++n) y[b * N + n] *= scale[n];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- fused FFN
+// y[b] = sum_i silu(wg[j_i] . x[b]) * (wu[j_i] . x[b]) * wd_t[j_i], j_i = idx ? idx[i] : i
+template <typename T>
+void ffn_kernel(const T* wg, const T* wu, const T* wd, int64_t H, const float* x, int64_t B,
+                const int32_t* idx, int64_t m, float* y, int nthreads) {
+  constexpr int G = 4;
+  const int64_t ngrp = (m + G - 1) / G;
+  const int nt = threads_for(nthreads, 3 * m * H * static_cast<int64_t>(sizeof(T)), std::max<int64_t>(ngrp, 1));
+  // thread 0 accumulates into y, the others into private partials summed at the end
+  std::vector<float> part(static_cast<size_t>((nt - 1) * B * H));
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    float* yt = t == 0 ? y : part.data() + (t - 1) * B * H;
+    std::memset(yt, 0, B * H * sizeof(float));
+    int64_t g0, g1;
+    split(ngrp, nt, t, &g0, &g1);
+    std::vector<float> gv(B * G), uv(B * G), hv(B * G);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t i0 = grp * G;
+      const int cnt = static_cast<int>(std::min<int64_t>(G, m - i0));
+      const T* rd[G];
+      for (int r = 0; r < cnt; ++r) {
+        const int64_t j = idx ? idx[i0 + r] : i0 + r;
+        // the next kept channel of this thread, prefetched while this one streams
+        const int64_t inext = i0 + r + 1 < std::min(m, g1 * G) ? i0 + r + 1 : -1;
+        const int64_t jn = inext < 0 ? -1 : (idx ? idx[inext] : inext);
+        dot_row_all<T>(wg + j * H, jn < 0 ? nullptr : wg + jn * H, x, B, H, gv.data() + r, G);
+        dot_row_all<T>(wu + j * H, jn < 0 ? nullptr : wu + jn * H, x, B, H, uv.data() + r, G);
+        rd[r] = wd + j * H;
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int r = 0; r < cnt; ++r) hv[b * G + r] = silu(gv[b * G + r]) * uv[b * G + r];
+      if (cnt == G) {
+        const T* nd[G];  // the next group's down rows
+        for (int r = 0; r < G; ++r) {
+          const int64_t in = grp + 1 < g1 && i0 + G + r < m ? i0 + G + r : i0 + r;
+          nd[r] = wd + (idx ? idx[in] : in) * H;
+        }
+        axpy_rows<T, G>(rd, hv.data(), G, B, yt, H, 0, H, nd);
+      } else {
+        for (int r = 0; r < cnt; ++r) axpy_rows<T, 1>(rd + r, hv.data() + r, G, B, yt, H, 0, H);
+      }
+    }
+    if (nt > 1) {
+#pragma omp barrier
+      int64_t n0, n1;
+      split(B * H, nt, t, &n0, &n1);
+      for (int s = 0; s < nt - 1; ++s) {
+        const float* p = part.data() + s * B * H;
+        for (int64_t q = n0; q < n1; ++q) y[q] += p[q];
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- sketch
+// Packed b-bit codes: input k of a row is bits (k % vpw) * b .. of word k / vpw (low first);
+// value = scale[k / group] * (code - (2^b - 1) / 2). The vector path walks a row in blocks:
+// one word (vpw = 32 / 16 / 8 inputs) for 1 / 2 / 4 bits, four words (40 inputs) for 3 bits,
+// 8 inputs per vector: a variable shift puts each lane's code in its low bits, then a
+// vpermps lookup in an 8-entry table of (code - half) decodes 1..3 bits in one instruction
+// (it reads only a lane's low 3 bits), 4 bits mask + convert. Groups must be multiples of 8.
+template <int BITS>
+struct Sketch {
+  static constexpr int VPW = 32 / BITS;
+  static constexpr uint32_t MASK = (1u << BITS) - 1;
+  static constexpr float HALF = static_cast<float>((1 << BITS) - 1) / 2.0f;
+  static constexpr int BLK = BITS == 3 ? 40 : VPW;  // inputs per block
+  static constexpr int WPB = BITS == 3 ? 4 : 1;     // words per block
+  static constexpr int NV = BLK / 8;                // vectors per block
+#ifdef CSC_SKETCH_LUT
+  static constexpr bool USE_LUT = true;
+#else
+  static constexpr bool USE_LUT = false;
+#endif
+
+  static inline float scalar(const int32_t* words, int64_t k) {
+    uint32_t w = static_cast<uint32_t>(words[k / VPW]);
+    return static_cast<float>((w >> ((k % VPW) * BITS)) & MASK) - HALF;
+  }
+
+#if CSC_AVX2
+  static inline __m256 table() {
+    alignas(32) float t[8];
+    for (int i = 0; i < 8; ++i) t[i] = static_cast<float>(i & MASK) - HALF;
+    return _mm256_load_ps(t);
+  }
+  // the block's words, from p (WPB readable words)
+  static inline __m256i load_block(const int32_t* p) {
+    if constexpr (BITS == 3)
+      return _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    else
+      return _mm256_set1_epi32(*p);
+  }
+  // (code - half) of the block's inputs 8j .. 8j + 7
+  static inline __m256 decode(__m256i wv, int j, __m256 lut) {
+    if constexpr (BITS == 3) {
+      // lane i of vector j: input 8j + i, word (8j + i) / 10, shift 3 * ((8j + i) % 10)
+      alignas(32) static const int32_t WIDX[5][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 1, 1, 1, 1, 1, 1},
+                                                     {1, 1, 1, 1, 2, 2, 2, 2}, {2, 2, 2, 2, 2, 2, 3, 3},
+                                                     {3, 3, 3, 3, 3, 3, 3, 3}};
+      alignas(32) static const int32_t SH[5][8] = {{0, 3, 6, 9, 12, 15, 18, 21},
+                                                   {24, 27, 0, 3, 6, 9, 12, 15},
+                                                   {18, 21, 24, 27, 0, 3, 6, 9},
+                                                   {12, 15, 18, 21, 24, 27, 0, 3},
+                                                   {6, 9, 12, 15, 18, 21, 24, 27}};
+      __m256i w = _mm256_permutevar8x32_epi32(wv, _mm256_load_si256(reinterpret_cast<const __m256i*>(WIDX[j])));
+      w = _mm256_srlv_epi32(w, _mm256_load_si256(reinterpret_cast<const __m256i*>(SH[j])));
+      if constexpr (USE_LUT) return _mm256_permutevar8x32_ps(lut, w);
+      return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(MASK))), _mm256_set1_ps(HALF));
+    } else {
+      const __m256i sh = _mm256_add_epi32(
+          _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS),
+          _mm256_set1_epi32(j * 8 * BITS));
+      const __m256i w = _mm256_srlv_epi32(wv, sh);
+      if constexpr (BITS == 4 || !USE_LUT)
+        return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(MASK))),
+                             _mm256_set1_ps(HALF));
+      else
+        return _mm256_permutevar8x32_ps(lut, w);
+    }
+  }
+
+  // Calls f(k, vals) for every whole vector of inputs [k, k + 8) of R rows (vals[r]: their
+  // (code - half)), in order; returns the first input not visited (K rounded down to 8).
+  // pf (may be null): the next rows' words, prefetched at the pace this walk reads (R rows).
+  template <int R, typename F>
+  static inline int64_t walk(const int32_t* const* words, int64_t K, int64_t W, const int32_t* pf, F&& f) {
+    const __m256 lut = table();
+    const int64_t nfull = K / BLK;
+    int64_t k = 0;
+    __m256i wv[R];
+    __m256 vals[R];
+    for (int64_t blk = 0; blk < nfull; ++blk) {
+      if (pf) prefetch(pf + blk * WPB * R);
+      for (int r = 0; r < R; ++r) wv[r] = load_block(words[r] + blk * WPB);
+      for (int j = 0; j < NV; ++j, k += 8) {
+        for (int r = 0; r < R; ++r) vals[r] = decode(wv[r], j, lut);
+        f(k, vals);
+      }
+    }
+    const int ntail = static_cast<int>((K - k) / 8);
+    if (ntail > 0) {  // whole vectors of the last, partial block: its words padded with zeros
+      for (int r = 0; r < R; ++r) {
+        alignas(16) int32_t tmp[4] = {0, 0, 0, 0};
+        for (int64_t q = nfull * WPB; q < std::min<int64_t>(W, nfull * WPB + WPB); ++q) tmp[q - nfull * WPB] = words[r][q];
+        wv[r] = load_block(tmp);
+      }
+      for (int j = 0; j < ntail; ++j, k += 8) {
+        for (int r = 0; r < R; ++r) vals[r] = decode(wv[r], j, lut);
+        f(k, vals);
+      }
+    }
+    return k;
+  }
+#endif
+};
+
+// out[b * ldo + r] = dequant(row r) . x[b], r < R, b < BT, without a dequantized copy
+template <int BITS, int R, int BT>
+inline void sketch_tile(const int32_t* const* words, const uint16_t* const* sc, int64_t group,
+                        const float* x, int64_t ldx, int64_t K, int64_t W, float* out,
+                        int64_t ldo, const int32_t* pf = nullptr) {
+  using S = Sketch<BITS>;
+  int64_t k = 0;
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BT; ++b) out[b * ldo + r] = 0.0f;
+#if CSC_AVX2
+  if (group % 8 == 0) {
+    __m256 tot[R][BT], acc[R][BT];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < BT; ++b) tot[r][b] = acc[r][b] = _mm256_setzero_ps();
+    int64_t gi = 0, gend = group;
+    auto flush = [&]() {
+      for (int r = 0; r < R; ++r) {
+        const __m256 s = _mm256_set1_ps(half_to_f(sc[r][gi]));
+        for (int b = 0; b < BT; ++b) {
+          tot[r][b] = _mm256_fmadd_ps(s, acc[r][b], tot[r][b]);
+          acc[r][b] = _mm256_setzero_ps();
+        }
+      }
+    };
+    k = S::template walk<R>(words, K, W, pf, [&](int64_t kk, const __m256* vals) {
+      __m256 xv[BT];
+      for (int b = 0; b < BT; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + kk);
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < BT; ++b) acc[r][b] = _mm256_fmadd_ps(vals[r], xv[b], acc[r][b]);
+      if (kk + 8 == gend) {
+        flush();
+        ++gi;
+        gend += group;
+      }
+    });
+    if (k > gend - group) flush();  // a group cut short by the end of the vector path
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < BT; ++b) out[b * ldo + r] = hsum(tot[r][b]);
+  }
+#else
+  (void)W;
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BT; ++b) {
+      float acc = 0.0f;
+      for (int64_t kk = k; kk < K; ++kk)
+        acc += half_to_f(sc[r][kk / group]) * S::scalar(words[r], kk) * x[b * ldx + kk];
+      out[b * ldo + r] += acc;
+    }
+}
+
+// one row dequantized to fp32 (scale applied): buf[0:K]
+template <int BITS>
+inline void sketch_decode_row(const int32_t* words, const uint16_t* sc, int64_t group, int64_t K,
+                              int64_t W, float* buf) {
+  using S = Sketch<BITS>;
+  int64_t k = 0;
+#if CSC_AVX2
+  if (group % 8 == 0) {
+    int64_t gi = 0, gend = group;
+    __m256 s = _mm256_set1_ps(half_to_f(sc[0]));
+    k = S::template walk<1>(&words, K, W, nullptr, [&](int64_t kk, const __m256* vals) {
+      _mm256_storeu_ps(buf + kk, _mm256_mul_ps(s, vals[0]));
+      if (kk + 8 == gend && kk + 8 < K) {
+        ++gi;
+        gend += group;
+        s = _mm256_set1_ps(half_to_f(sc[gi]));
+      }
+    });
+  }
+#else
+  (void)W;
+#endif
+  for (; k < K; ++k) buf[k] = half_to_f(sc[k / group]) * S::scalar(words, k);
+}
+
+template <int BITS>
+void sketch_kernel(const int32_t* packed, int64_t W, const uint16_t* scales, int64_t G,
+                   const float* x, int64_t B, int64_t N, int64_t K, int64_t group, float* y, int nthreads) {
+  constexpr int R = 4;
+  const int64_t nblk = (N + R - 1) / R;
+  const int nt = threads_for(nthreads, N * (W * 4 + G * 2), nblk);
+  const bool buffered = B > 2;  // decode once, then an fp32 dot per batch row
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    int64_t b0, b1;
+    split(nblk, nt, t, &b0, &b1);
+    std::vector<float> bufv(buffered ? static_cast<size_t>(R * K) : 0);
+    std::vector<float> outv(static_cast<size_t>(B * R));
+    float* out = outv.data();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * R;
+      const int cnt = static_cast<int>(std::min<int64_t>(R, N - n0));
+      const int32_t* wr[R];
+      const uint16_t* sr[R];
+      for (int r = 0; r < cnt; ++r) {
+        wr[r] = packed + (n0 + r) * W;
+        sr[r] = scales + (n0 + r) * G;
+      }
+      if (buffered) {
+        for (int r = 0; r < cnt; ++r) {
+          sketch_decode_row<BITS>(wr[r], sr[r], group, K, W, bufv.data() + r * K);
+          dot_row_all<float>(bufv.data() + r * K, nullptr, x, B, K, out + r, R);
+        }
+      } else if (cnt == R && B == 1) {
+        // rows are contiguous: prefetch the next block of R rows while this one streams
+        const int32_t* pf = blk + 1 < b1 ? packed + (n0 + R) * W : nullptr;
+        sketch_tile<BITS, R, 1>(wr, sr, group, x, K, K, W, out, R, pf);
+      } else if (B == 2) {
+        int r = 0;
+        for (; r + 2 <= cnt; r += 2) sketch_tile<BITS, 2, 2>(wr + r, sr + r, group, x, K, K, W, out + r, R);
+        for (; r < cnt; ++r) {
+          sketch_tile<BITS, 1, 2>(wr + r, sr + r, group, x, K, K, W, out + r, R);
+        }
+      } else {  // B == 1, a last partial block of rows
+        for (int r = 0; r < cnt; ++r) sketch_tile<BITS, 1, 1>(wr + r, sr + r, group, x, K, K, W, out + r, R);
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int r = 0; r < cnt; ++r) y[b * N + n0 + r] = out[b * R + r];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- bandwidth
+int64_t read_bytes_kernel(const uint8_t* p, int64_t n, int nthreads) {
+  const int nt = threads_for(nthreads, n, std::max<int64_t>(1, n >> 16));
+  int64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+  {
+    int t = omp_get_thread_num();
+    int64_t c0, c1;
+    split(n / 64, nt, t, &c0, &c1);  // whole cache lines
+    int64_t s = 0;
+    int64_t i = c0 * 64;
+    const int64_t e = c1 * 64;
+#if CSC_AVX2
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256(), z = _mm256_setzero_si256();
+    for (; i + 128 <= e; i += 128) {
+      __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+      __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32));
+      __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 64));
+      __m256i v3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96));
+      a0 = _mm256_add_epi64(a0, _mm256_sad_epu8(v0, z));
+      a1 = _mm256_add_epi64(a1, _mm256_sad_epu8(v1, z));
+      a0 = _mm256_add_epi64(a0, _mm256_sad_epu8(v2, z));
+      a1 = _mm256_add_epi64(a1, _mm256_sad_epu8(v3, z));
+    }
+    alignas(32) int64_t l[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l), _mm256_add_epi64(a0, a1));
+    s = l[0] + l[1] + l[2] + l[3];
+#endif
+    for (; i < e; ++i) s += p[i];
+    if (t == nt - 1)
+      for (int64_t q = (n / 64) * 64; q < n; ++q) s += p[q];
+    total += s;
+  }
+  return total;
+}
+
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- C ABI
+// dtype codes: 0 float32, 1 bfloat16, 2 int8. Return 0 on success, 1 + i when idx[i] is out of
+// range (nothing is computed then). Outputs are written in full (no need to zero them).
+namespace {
+inline int64_t check_idx(const int32_t* idx, int64_t m, int64_t limit) {
+  if (!idx) return 0;
+  for (int64_t i = 0; i < m; ++i)
+    if (idx[i] < 0 || idx[i] >= limit) return i + 1;
+  return 0;
+}
+}  // namespace
+
+extern "C" {
+
+int csc_abi_version() { return 1; }
+int csc_has_avx2() { return CSC_AVX2; }
+
+// y [B, M] = x [B, K] @ w[idx].T (* scale[idx]); w [N, K]; idx null -> rows 0..M-1
+int64_t csc_rows(int dtype, const void* w, int64_t N, int64_t K, const float* x, int64_t B,
+                 const int32_t* idx, int64_t M, const float* scale, float* y, int nthreads) {
+  if (int64_t bad = check_idx(idx, M, N)) return bad;
+  if (B <= 0 || M <= 0) return 0;
+  switch (dtype) {
+    case 0: rows_kernel(static_cast<const float*>(w), K, x, B, idx, M, scale, y, nthreads); break;
+    case 1: rows_kernel(static_cast<const bf16_t*>(w), K, x, B, idx, M, scale, y, nthreads); break;
+    default: rows_kernel(static_cast<const int8_t*>(w), K, x, B, idx, M, scale, y, nthreads); break;
+  }
+  return 0;
+}
+
+// y [B, N] = x[:, idx] @ wt[idx] (* scale); wt [K, N]; idx null -> inputs 0..m-1
+int64_t csc_gather(int dtype, const void* wt, int64_t K, int64_t N, const float* x, int64_t B,
+                   const int32_t* idx, int64_t m, const float* scale, float* y, int nthreads) {
+  if (int64_t bad = check_idx(idx, m, K)) return bad;
+  if (B <= 0 || N <= 0) return 0;
+  switch (dtype) {
+    case 0: gather_kernel(static_cast<const float*>(wt), N, x, B, K, idx, m, scale, y, nthreads); break;
+    case 1: gather_kernel(static_cast<const bf16_t*>(wt), N, x, B, K, idx, m, scale, y, nthreads); break;
+    default: gather_kernel(static_cast<const int8_t*>(wt), N, x, B, K, idx, m, scale, y, nthreads); break;
+  }
+  return 0;
+}
+
+// y [B, H] = sum_i silu(wg[j_i] . x) (wu[j_i] . x) wd_t[j_i]; weights [I, H]; idx null -> 0..m-1
+int64_t csc_ffn(int dtype, const void* wg, const void* wu, const void* wd, int64_t I, int64_t H,
+                const float* x, int64_t B, const int32_t* idx, int64_t m, float* y, int nthreads) {
+  if (int64_t bad = check_idx(idx, m, I)) return bad;
+  if (B <= 0 || H <= 0) return 0;
+  if (m <= 0) {
+    std::memset(y, 0, B * H * sizeof(float));
+    return 0;
+  }
+  switch (dtype) {
+    case 0:
+      ffn_kernel(static_cast<const float*>(wg), static_cast<const float*>(wu), static_cast<const float*>(wd),
+                 H, x, B, idx, m, y, nthreads);
+      break;
+    case 1:
+      ffn_kernel(static_cast<const bf16_t*>(wg), static_cast<const bf16_t*>(wu),
+                 static_cast<const bf16_t*>(wd), H, x, B, idx, m, y, nthreads);
+      break;
+    default: return -1;  // int8 FFN: not supported
+  }
+  return 0;
+}
+
+// y [B, N] = x [B, K] @ dequant(packed [N, W], scales fp16 [N, G]).T
+int64_t csc_sketch(int bits, const int32_t* packed, int64_t W, const uint16_t* scales, int64_t G,
+                   const float* x, int64_t B, int64_t N, int64_t K, int64_t group, float* y, int nthreads) {
+  if (B <= 0 || N <= 0) return 0;
+  switch (bits) {
+    case 1: sketch_kernel<1>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
+    case 2: sketch_kernel<2>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
+    case 3: sketch_kernel<3>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
+    default: sketch_kernel<4>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
+  }
+  return 0;
+}
+
+// sum of the n bytes at p (a streaming read, for measuring bandwidth)
+int64_t csc_read(const uint8_t* p, int64_t n, int nthreads) { return read_bytes_kernel(p, n, nthreads); }
+
+}  // extern "C"

@@ -1,0 +1,65 @@
+"""runtime.cpu_backend: the per-token path's decode steps on the CPU kernels equal the torch
+masks (batch 1 fast path and batched union path), for every operator with a kernel."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from cscompile.compat import cache_kwargs
+from cscompile.passes.sketch import sketch
+from cscompile.runtime import cpu_kernels
+from cscompile.runtime.pertoken import PerToken, uniform_plan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PLANS = {
+    "sketch": dict(qkv={"op": "teal", "keep": 0.5}, o={"op": "wina", "keep": 0.5},
+                   ffn={"op": "sketch", "keep": 0.5}, lm_head={"op": "sketch", "candidates": 64}),
+    "rerank": dict(qkv={"op": "wina", "keep": 0.6}, o={"op": "teal", "keep": 0.4},
+                   ffn={"op": "sketch", "keep": 0.4, "cand": 1.5},
+                   lm_head={"op": "sketch", "candidates": 16}),
+    "teal": dict(ffn={"op": "teal", "keep": 0.5, "x_keep": 0.6}),
+}
+
+
+def _decode(model, smap, plan, sk, backend, ids, prefix):
+    pt = PerToken(model, smap, plan, sk, backend=backend)
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad():
+            pt.mode = "dense"
+            model(input_ids=ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True)
+            pt.mode = "pertoken"
+            steps = [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache),
+                           use_cache=True).logits for t in range(prefix, ids.shape[1])]
+        return torch.cat(steps, 1), {k: v.clone() for k, v in pt.missed().items()}
+    finally:
+        pt.detach()
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_kernels_equal_torch_masks(stories, name, batch):
+    loaded, smap = stories
+    model = loaded.model
+    sk = sketch(model, smap, bits=3, seed=0)
+    plan = uniform_plan(smap, **PLANS[name])
+    ids = torch.randint(0, 512, (batch, 16), generator=torch.Generator().manual_seed(batch))
+    ref, ref_missed = _decode(model, smap, plan, sk, "torch", ids, 10)
+    got, got_missed = _decode(model, smap, plan, sk, "cpu", ids, 10)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    for part in ref_missed:
+        assert torch.allclose(got_missed[part].reshape(-1), ref_missed[part].reshape(-1),
+                              atol=1e-5), part
+
+
+def test_fallback_when_kernels_are_off(stories, monkeypatch):
+    """CSCOMPILE_CPU_KERNELS=0: same wrappers, torch references, same numbers."""
+    loaded, smap = stories
+    sk = sketch(loaded.model, smap, bits=3, seed=0)
+    plan = uniform_plan(smap, **PLANS["sketch"])
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    want, _ = _decode(loaded.model, smap, plan, sk, "torch", ids, 8)
+    monkeypatch.setenv("CSCOMPILE_CPU_KERNELS", "0")
+    got, _ = _decode(loaded.model, smap, plan, sk, "cpu", ids, 8)
+    assert torch.allclose(got, want, atol=1e-4)

@@ -1,0 +1,98 @@
+"""The runtime's default path on a real stories260K bundle: the per-token path, decoded with a
+KV cache, equals its teacher-forced reference; batches equal single prompts; stats; CLI."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cscompile.build import run_build
+from cscompile.compat import cache_kwargs
+from cscompile.errors import UserInputError
+from cscompile.runtime import load
+from cscompile.runtime.cli_run import run
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
+PROMPTS = ["Once upon a time, a little fox", "Tom has 12 apples", "Lily and Tom went"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def bundle(stories_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pt") / "bundle"
+    run_build(str(stories_dir), EXAMPLES, out, progress=False, budget=0.6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def session(bundle):
+    return load(bundle)
+
+
+def test_default_path_is_pertoken_at_the_built_budget(session, bundle):
+    r = session.generate(PROMPTS[0], max_new_tokens=12)
+    assert r.path == "pertoken" and len(r.missed) == len(r.densities) == 11
+    report = json.loads((bundle / "report.json").read_text())["pertoken"]
+    assert report["fraction"] <= 0.6 and r.densities[0] == pytest.approx(report["fraction"])
+    assert all(0 <= m["ffn"] < 1 and 0 <= m["lm_head"] < 1 for m in r.missed)
+    assert any(m["ffn"] > 0 for m in r.missed)  # a real reduction misses something
+    assert session.generate(PROMPTS[0], max_new_tokens=12, path="static").path == "class"
+    assert not session.pertoken.attached  # other paths never see the swapped modules
+
+
+def test_cached_decode_equals_teacher_forced_reference(session):
+    """Greedy decode step by step with the cache == one per-token forward over the generated
+    tokens on the dense prompt cache (every position's support depends on itself only)."""
+    from transformers import DynamicCache
+
+    r = session.generate(PROMPTS[0], max_new_tokens=16)
+    model, pt = session.model, session.pertoken
+    ids = torch.tensor([session.tokenizer(PROMPTS[0])["input_ids"]])
+    gen = torch.tensor([r.token_ids])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+        pt.attach()
+        pt.mode = "pertoken"
+        try:
+            logits = model(input_ids=gen[:, :-1], **cache_kwargs(model, cache),
+                           use_cache=True).logits[0]
+        finally:
+            pt.mode = "dense"
+            pt.detach()
+    want = [int(first.argmax())] + logits.argmax(-1).tolist()
+    assert r.token_ids == want
+
+
+def test_dense_path_is_the_dense_model(session, stories_dir):
+    dense = load(stories_dir).generate(PROMPTS[1], max_new_tokens=12)
+    got = session.generate(PROMPTS[1], max_new_tokens=12, path="dense")
+    assert got.token_ids == dense.token_ids and got.path == "dense"
+
+
+def test_batch_equals_single_prompt(session):
+    single = [session.generate(p, max_new_tokens=10) for p in PROMPTS]
+    batch = session.generate_batch(PROMPTS, batch_size=3, max_new_tokens=10)
+    assert [b.batch_size for b in batch] == [3, 3, 3]
+    for a, b in zip(single, batch):
+        assert a.token_ids == b.token_ids and a.path == b.path == "pertoken"
+        assert [m["ffn"] for m in a.missed] == pytest.approx([m["ffn"] for m in b.missed],
+                                                             abs=1e-5)
+
+
+def test_bad_paths_refused(session, stories_dir):
+    with pytest.raises(UserInputError, match="path must be one of"):
+        session.generate("x", path="fast")
+    with pytest.raises(UserInputError, match="no per-token plan"):
+        load(stories_dir).generate("x", path="pertoken")
+
+
+def test_cli_stats_line_reports_missed_energy(bundle):
+    res = CliRunner().invoke(run, [str(bundle), "--prompt", PROMPTS[2], "--max-new-tokens", "6",
+                                   "--stats"])
+    assert res.exit_code == 0, res.output
+    assert "per-token path" in res.stderr and "missed (mean/worst step)" in res.stderr
+    res = CliRunner().invoke(run, [str(bundle), "--prompt", "x", "--path", "nope"])
+    assert res.exit_code == 2
