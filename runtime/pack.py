@@ -80,7 +80,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n, k = codes.shape
     words = math.ceil(k / vpw)
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, words * vpw - k)).view(n, words, vpw)
-    shifts = torch.arange(vpw, dtype=torch.int64) * bits
+    shifts = torch.arange(vpw, dtype=torch.int64, device=codes.device) * bits
     packed = (c << shifts).sum(-1)  # < 2**32, fits int64 exactly
     packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)  # reinterpret as int32
     return packed.to(torch.int32).contiguous()
@@ -90,7 +90,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """codes uint8 [N, K] back from pack_codes' words."""
     vpw = values_per_word(bits)
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(vpw, dtype=torch.int64) * bits
+    shifts = torch.arange(vpw, dtype=torch.int64, device=packed.device) * bits
     c = (p.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
     return c.reshape(packed.shape[0], -1)[:, :k].to(torch.uint8)
 
