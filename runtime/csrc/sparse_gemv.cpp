@@ -696,3 +696,113 @@ int64_t csc_sketch(int bits, const int32_t* packed, int64_t W, const uint16_t* s
 int64_t csc_read(const uint8_t* p, int64_t n, int nthreads) { return read_bytes_kernel(p, n, nthreads); }
 
 }  // extern "C"
+
+// ----------------------------------------------------------------------------- Python module
+// The same C ABI as a CPython extension module (METH_FASTCALL: ~0.3 us a call where ctypes
+// takes ~2 us): every argument is a Python int (data pointers from Tensor.data_ptr()) or None
+// (a null pointer); the GIL is released while a kernel runs. No torch headers are needed.
+#ifdef CSC_PYTHON_MODULE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+namespace {
+bool py_args(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, int64_t* out) {
+  if (nargs != want) {
+    PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (args[i] == Py_None) {
+      out[i] = 0;
+      continue;
+    }
+    out[i] = PyLong_AsLongLong(args[i]);
+    if (out[i] == -1 && PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+template <typename P>
+inline P ptr(int64_t v) {
+  return reinterpret_cast<P>(static_cast<intptr_t>(v));
+}
+
+PyObject* py_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[11];
+  if (!py_args(args, nargs, 11, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_rows(static_cast<int>(a[0]), ptr<const void*>(a[1]), a[2], a[3], ptr<const float*>(a[4]), a[5],
+                ptr<const int32_t*>(a[6]), a[7], ptr<const float*>(a[8]), ptr<float*>(a[9]), static_cast<int>(a[10]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[11];
+  if (!py_args(args, nargs, 11, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_gather(static_cast<int>(a[0]), ptr<const void*>(a[1]), a[2], a[3], ptr<const float*>(a[4]), a[5],
+                  ptr<const int32_t*>(a[6]), a[7], ptr<const float*>(a[8]), ptr<float*>(a[9]), static_cast<int>(a[10]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_ffn(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[12];
+  if (!py_args(args, nargs, 12, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_ffn(static_cast<int>(a[0]), ptr<const void*>(a[1]), ptr<const void*>(a[2]), ptr<const void*>(a[3]), a[4],
+               a[5], ptr<const float*>(a[6]), a[7], ptr<const int32_t*>(a[8]), a[9], ptr<float*>(a[10]),
+               static_cast<int>(a[11]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_sketch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[12];
+  if (!py_args(args, nargs, 12, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_sketch(static_cast<int>(a[0]), ptr<const int32_t*>(a[1]), a[2], ptr<const uint16_t*>(a[3]), a[4],
+                  ptr<const float*>(a[5]), a[6], a[7], a[8], a[9], ptr<float*>(a[10]), static_cast<int>(a[11]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_read(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[3];
+  if (!py_args(args, nargs, 3, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_read(ptr<const uint8_t*>(a[0]), a[1], static_cast<int>(a[2]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_abi(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_abi_version()); }
+PyObject* py_avx2(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_has_avx2()); }
+
+#define CSC_FAST(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(fn)), METH_FASTCALL
+PyMethodDef csc_methods[] = {
+    {"csc_rows", CSC_FAST(py_rows), "csc_rows(dtype, w, N, K, x, B, idx, M, scale, y, threads) -> status"},
+    {"csc_gather", CSC_FAST(py_gather), "csc_gather(dtype, wt, K, N, x, B, idx, m, scale, y, threads) -> status"},
+    {"csc_ffn", CSC_FAST(py_ffn), "csc_ffn(dtype, wg, wu, wd, I, H, x, B, idx, m, y, threads) -> status"},
+    {"csc_sketch", CSC_FAST(py_sketch), "csc_sketch(bits, packed, W, scales, G, x, B, N, K, group, y, threads)"},
+    {"csc_read", CSC_FAST(py_read), "csc_read(ptr, nbytes, threads) -> byte sum"},
+    {"csc_abi_version", CSC_FAST(py_abi), ""},
+    {"csc_has_avx2", CSC_FAST(py_avx2), ""},
+    {nullptr, nullptr, 0, nullptr}};
+
+#define CSC_STR2(x) #x
+#define CSC_STR(x) CSC_STR2(x)
+PyModuleDef csc_module = {PyModuleDef_HEAD_INIT, CSC_STR(TORCH_EXTENSION_NAME), "cscompile CPU sparse GEMV kernels",
+                          -1, csc_methods, nullptr, nullptr, nullptr, nullptr};
+}  // namespace
+
+#define CSC_CAT2(a, b) a##b
+#define CSC_CAT(a, b) CSC_CAT2(a, b)
+PyMODINIT_FUNC CSC_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&csc_module); }
+#endif  // CSC_PYTHON_MODULE

@@ -1,0 +1,302 @@
+"""The CPU sparse GEMV kernels (runtime/cpu_kernels.py) against their torch references.
+
+Each op in fp32 and bf16 (int8 with per-output scales, sketch codes at 1..4 bits), odd sizes,
+batch 1 / 3 / 16, empty idx, idx = all and idx = None, on 1 and 2 threads (the "big" shapes are
+above the 64 KiB under which a call runs on one thread, so the 2-thread split is exercised), and
+the torch fallback forced by CSCOMPILE_CPU_KERNELS=0. Outputs the wrappers allocate are
+poisoned with NaN, so any element a kernel forgets to write fails the comparison.
+
+The first test run on a machine builds the extension (seconds; cached in the cscompile cache).
+"""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cscompile.runtime import cpu_kernels as C
+from cscompile.runtime import pack
+
+TOL = 2e-6  # relative (Frobenius) error vs the fp32 torch reference: summation order only
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (N, K): odd sizes, sizes that are no multiple of 8, and one big enough for 2 threads
+SHAPES = [(77, 130), (5, 3), (517, 130)]
+BIG = [(517, 130)]
+BATCHES = [1, 3, 16]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """torch.empty returns NaN-filled tensors while a test runs (unwritten outputs show up)."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+class threads:
+    """Run the kernels on n threads inside the block (inputs are made outside it, on 1)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Inputs and references on one thread (the shared 2-core machine is noisy)."""
+    with threads(1):
+        yield
+
+
+def with_threads(shapes, big):
+    """(shape, threads) cases: every shape on 1 thread, the big ones (over the 64 KiB under
+    which a call stays on one thread) also on 2."""
+    return [pytest.param(sh, 1, id=f"{sh}-1t") for sh in shapes] + [
+        pytest.param(sh, 2, id=f"{sh}-2t") for sh in shapes if sh in big]
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert got.dtype == torch.float32
+    assert not got.isnan().any(), "unwritten (NaN) outputs"
+    denom = ref.double().norm().item()
+    diff = (got.double() - ref.double()).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def kept(n, frac, g):
+    m = int(round(n * frac))
+    return torch.randperm(n, generator=g)[:m].sort().values.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- the build
+def test_extension_builds_here():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the torch fallback is the expected path")
+    if C.disabled():
+        pytest.skip(f"{C.ENV}=0: the torch fallback is forced")
+    assert C.available(), f"extension did not build: {C._state['error']}"
+    assert C.load_extension().csc_abi_version() == C.ABI_VERSION
+    path = Path(C._state["path"])  # <cache root>/torch_extensions/<name keyed by CPU+flags+source>/
+    assert path.parent.parent.name == "torch_extensions"
+    assert path.parent.name == C._build_name(C.FLAGS_NATIVE)
+
+
+def test_build_name_keys_cpu_flags_and_source(monkeypatch):
+    a = C._build_name(C.FLAGS_NATIVE)
+    assert a != C._build_name(C.FLAGS_PORTABLE)
+    monkeypatch.setattr(C, "_cpu_fingerprint", lambda: "another cpu")
+    assert C._build_name(C.FLAGS_NATIVE) != a
+
+
+# --------------------------------------------------------------------------- dense / rows
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("shape,nt", with_threads(SHAPES, BIG))
+@pytest.mark.parametrize("batch", BATCHES)
+def test_dense_and_rows(dname, shape, nt, batch):
+    g = gen(1)
+    n, k = shape
+    w = torch.randn(n, k, generator=g).to(DTYPES[dname])
+    x = torch.randn(batch, k, generator=g)
+    idxs = (kept(n, 0.5, g), kept(n, 0.25, g), torch.arange(n, dtype=torch.int32), None)
+    with threads(nt):
+        dense = C.dense_gemv(w, x)
+        rows = [C.rows_gemv(w, x, idx) for idx in idxs]
+        empty = C.rows_gemv(w, x, torch.zeros(0, dtype=torch.int32))
+    assert rel_err(dense, C.dense_gemv_reference(w, x)) < TOL
+    for idx, got in zip(idxs, rows):
+        assert rel_err(got, C.rows_gemv_reference(w, x, idx)) < TOL
+    assert empty.shape == (batch, 0)
+
+
+@pytest.mark.parametrize("shape,nt", with_threads(SHAPES, BIG))
+@pytest.mark.parametrize("batch", BATCHES)
+def test_int8_dense_rows_gather(shape, nt, batch):
+    g = gen(2)
+    n, k = shape
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(batch, k, generator=g)
+    q, s = pack.quantize_int8(w)
+    idx = kept(n, 0.5, g)
+    qt, st = pack.quantize_int8(w.T.contiguous(), dim=0)  # input-major [K, N], scale per output
+    idks = (kept(k, 0.5, g), None)
+    with threads(nt):
+        dense = C.dense_gemv(q, x, s)
+        rows = C.rows_gemv(q, x, idx, s)
+        gathers = [C.gather_gemv(qt, x, idk, st) for idk in idks]
+    assert rel_err(dense, C.dense_gemv_reference(q, x, s)) < TOL
+    assert rel_err(dense, x @ w.T) < 0.02  # and int8 is close to the weights
+    assert rel_err(rows, C.rows_gemv_reference(q, x, idx, s)) < TOL
+    for idk, got in zip(idks, gathers):
+        assert rel_err(got, C.gather_gemv_reference(qt, x, idk, st)) < TOL
+
+
+def test_float_weights_take_a_scale_too():
+    g = gen(3)
+    w, x, s = torch.randn(33, 40, generator=g), torch.randn(2, 40, generator=g), torch.rand(33, generator=g)
+    assert rel_err(C.dense_gemv(w, x, s), (x @ w.T) * s) < TOL
+
+
+# --------------------------------------------------------------------------- gather
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("shape,nt", with_threads(SHAPES, BIG))
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gather(dname, shape, nt, batch):
+    g = gen(4)
+    n, k = shape
+    wt = torch.randn(k, n, generator=g).to(DTYPES[dname])  # input-major [K, N]
+    x = torch.randn(batch, k, generator=g)
+    idxs = (kept(k, 0.5, g), kept(k, 0.25, g), torch.arange(k, dtype=torch.int32), None)
+    with threads(nt):
+        got = [C.gather_gemv(wt, x, idx) for idx in idxs]
+        y = C.gather_gemv(wt, x, torch.zeros(0, dtype=torch.int32))
+    for idx, gy in zip(idxs, got):
+        assert rel_err(gy, C.gather_gemv_reference(wt, x, idx)) < TOL
+    assert y.shape == (batch, n) and (y == 0).all()
+    # the gather equals the dense GEMV on the zeroed-input x (what it replaces)
+    idx = kept(k, 0.5, g)
+    xz = torch.zeros_like(x)
+    xz[:, idx.long()] = x[:, idx.long()]
+    assert rel_err(C.gather_gemv(wt, x, idx), xz @ wt.float()) < 1e-5
+
+
+# --------------------------------------------------------------------------- fused FFN
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("shape,nt", with_threads([(77, 130), (7, 5), (257, 130)], [(257, 130)]))
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ffn_sparse(dname, shape, nt, batch):
+    g = gen(5)
+    inter, h = shape
+    dt = DTYPES[dname]
+    wg, wu, wd_t = (torch.randn(inter, h, generator=g).div(h ** 0.5).to(dt) for _ in range(3))
+    x = torch.randn(batch, h, generator=g)
+    idxs = (kept(inter, 0.5, g), kept(inter, 0.25, g), torch.arange(inter, dtype=torch.int32),
+            None, kept(inter, 1 / inter, g))
+    with threads(nt):
+        got = [C.ffn_sparse(wg, wu, wd_t, x, idx) for idx in idxs]
+        y = C.ffn_sparse(wg, wu, wd_t, x, torch.zeros(0, dtype=torch.int32))
+    for idx, gy in zip(idxs, got):
+        assert rel_err(gy, C.ffn_sparse_reference(wg, wu, wd_t, x, idx)) < 4 * TOL
+    assert y.shape == (batch, h) and (y == 0).all()
+
+
+# --------------------------------------------------------------------------- sketch
+SKETCH_SHAPES = [(77, 130, 32), (9, 576, 64), (13, 100, 20), (10, 40, 8), (6, 7, 128), (2600, 130, 64)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape,nt", with_threads(SKETCH_SHAPES, [(2600, 130, 64)]))
+def test_sketch(bits, shape, nt):
+    g = gen(6)
+    n, k, group = shape
+    w = torch.randn(n, k, generator=g)
+    codes, scales = pack.quantize_codes(w, bits, group)
+    packed = pack.pack_codes(codes, bits)
+    xs = [torch.randn(batch, k, generator=g) for batch in (1, 2, 3, 16)]
+    with threads(nt):
+        got = [C.sketch_gemv(packed, scales, x, bits, group, k) for x in xs]
+    for x, gy in zip(xs, got):
+        assert rel_err(gy, pack.sketch_gemv_reference(packed, scales, x, bits, group, k)) < TOL
+
+
+# --------------------------------------------------------------------------- bandwidth
+@pytest.mark.parametrize("nt", [1, 2])
+def test_read_bandwidth_sums_bytes(nt):
+    g = gen(7)
+    for n in (0, 1, 63, 64, 1000, 3 * 2**20 + 5):
+        buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        with threads(nt):
+            got = C.read_bandwidth(buf)
+        assert got == C.read_bandwidth_reference(buf) == int(buf.long().sum())
+    b16 = torch.randn(70001, generator=g).bfloat16()
+    with threads(nt):
+        got = C.read_bandwidth(b16)
+    assert got == C.read_bandwidth_reference(b16)
+
+
+# --------------------------------------------------------------------------- validation
+def test_bad_arguments_raise_value_errors():
+    w = torch.randn(8, 16)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="float32"):
+        C.dense_gemv(w, x.double())
+    with pytest.raises(ValueError, match="inputs"):
+        C.dense_gemv(w, torch.randn(2, 15))
+    with pytest.raises(ValueError, match="one of"):
+        C.dense_gemv(w.half(), x)
+    with pytest.raises(ValueError, match="contiguous"):
+        C.dense_gemv(torch.randn(16, 8).T, x)
+    with pytest.raises(ValueError, match="needs scale"):
+        C.dense_gemv(w.to(torch.int8), x)
+    with pytest.raises(ValueError, match="scale must be"):
+        C.dense_gemv(w.to(torch.int8), x, torch.ones(7))
+    with pytest.raises(ValueError, match="outside"):
+        C.rows_gemv(w, x, torch.tensor([0, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="outside"):
+        C.gather_gemv(w, torch.randn(2, 8), torch.tensor([-1], dtype=torch.int32))  # wt [8, 16]
+    with pytest.raises(ValueError, match="outside"):
+        C.rows_gemv(w, x, torch.tensor([9]))  # int64 idx is checked too
+    with pytest.raises(ValueError, match="1-D"):
+        C.rows_gemv(w, x, torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int8"):
+        C.ffn_sparse(w.to(torch.int8), w.to(torch.int8), w.to(torch.int8), x, None)
+    with pytest.raises(ValueError, match="share one dtype"):
+        C.ffn_sparse(w, w.bfloat16(), w, x, None)
+    codes, scales = pack.quantize_codes(w, 2, 8)
+    packed = pack.pack_codes(codes, 2)
+    with pytest.raises(ValueError, match="bits"):
+        C.sketch_gemv(packed, scales, x, 5, 8, 16)
+    with pytest.raises(ValueError, match="words"):
+        C.sketch_gemv(packed, scales, x, 4, 8, 16)
+    with pytest.raises(ValueError, match="scales must be"):
+        C.sketch_gemv(packed, scales.float(), x, 2, 8, 16)
+    assert rel_err(C.rows_gemv(w, x, torch.tensor([3, 1])), x @ w[[3, 1]].T) < TOL  # int64 ok
+
+
+# --------------------------------------------------------------------------- fallback
+def test_fallback_env_gives_the_same_results(monkeypatch):
+    g = gen(8)
+    w = torch.randn(77, 130, generator=g).bfloat16()
+    x = torch.randn(3, 130, generator=g)
+    idx = kept(77, 0.5, g)
+    idk = kept(130, 0.5, g)
+    wt = w.T.contiguous()
+    wg, wu, wd_t = (torch.randn(77, 130, generator=g).bfloat16() for _ in range(3))
+    codes, scales = pack.quantize_codes(w.float(), 3, 32)
+    packed = pack.pack_codes(codes, 3)
+    buf = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g)
+
+    def run():
+        return [C.dense_gemv(w, x), C.rows_gemv(w, x, idx), C.gather_gemv(wt, x, idk),
+                C.ffn_sparse(wg, wu, wd_t, x, idx), C.sketch_gemv(packed, scales, x, 3, 32, 130),
+                torch.tensor(C.read_bandwidth(buf))]
+
+    compiled = run()
+    monkeypatch.setenv(C.ENV, "0")
+    assert C.disabled() and not C.available()
+    fallback = run()
+    refs = [C.dense_gemv_reference(w, x), C.rows_gemv_reference(w, x, idx),
+            C.gather_gemv_reference(wt, x, idk), C.ffn_sparse_reference(wg, wu, wd_t, x, idx),
+            C.sketch_gemv_reference(packed, scales, x, 3, 32, 130), torch.tensor(C.read_bandwidth_reference(buf))]
+    for a, b, r in zip(compiled, fallback, refs):
+        assert torch.equal(b, r)  # the fallback IS the reference
+        if a.is_floating_point():
+            assert rel_err(a, r) < 4 * TOL
+        else:
+            assert torch.equal(a, r)
+    with pytest.raises(ValueError, match="outside"):  # the fallback validates like the kernels
+        C.rows_gemv(w, x, torch.tensor([77], dtype=torch.int32))
