@@ -380,8 +380,8 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph):
     from .passes.sketch import sketch
     from .runtime.pertoken import PerToken, plan_bytes
 
-    prompts = [ids[:ALLOC_TOKENS] for ids in build_ids[:ALLOC_PROMPTS]]
-    held = [ids[:ALLOC_TOKENS] for ids in held_ids[:ALLOC_PROMPTS]] or prompts
+    prompts = [ids.reshape(-1)[:ALLOC_TOKENS] for ids in build_ids[:ALLOC_PROMPTS]]
+    held = [ids.reshape(-1)[:ALLOC_TOKENS] for ids in held_ids[:ALLOC_PROMPTS]] or prompts
     with ph.phase(f"sketching FFN and lm_head weights ({bits}-bit, rotated)"):
         sk = sketch(model, smap, bits=bits, group=64, seed=seed)
     with ph.counted(f"per-token operator menus on {len(prompts)} prompts",

@@ -26,8 +26,15 @@ def test_rows_for_dense_and_each_class(bundle):
     result = run_bench(bundle, **TINY)
     json.dumps(result)  # JSON-able as is
     rows = result["rows"]
+    from cscompile.runtime import cpu_kernels
+
+    pertoken = (["pertoken (cpu kernels)"] if cpu_kernels.available() else []) + [
+        "pertoken (torch masks)"]
     assert [(r["batch"], r["path"]) for r in rows] == [
-        (b, p) for b in (1, 2) for p in ("dense", "class 0", "class 1")]
+        (b, p) for b in (1, 2) for p in ["dense", "dense bf16", *pertoken, "class 0", "class 1"]]
+    for r in rows:
+        if r["path"].startswith("pertoken"):  # the bundle's per-token path, at its budget
+            assert r["bytes_ratio"] > 1 and r["density"] < 1 and r["class_id"] is None
     for r in rows:
         for key in ("prefill_ms", "decode_tok_s", "step_ms"):
             s = r[key]
@@ -51,8 +58,9 @@ def test_class_without_compact_model_is_skipped(bundle, monkeypatch):
     monkeypatch.setattr(Session, "compact_model",
                         lambda self, c: None if c == 1 else real(self, c))
     rows = run_bench(bundle, classes="1", **{**TINY, "batch_sizes": (1,), "repeats": 1})["rows"]
-    assert [r["path"] for r in rows] == ["dense", "class 1"]
-    assert "no compact model" in rows[1]["skipped"]
+    assert [r["path"] for r in rows if r["path"].startswith(("dense", "class"))] == [
+        "dense", "dense bf16", "class 1"]
+    assert "no compact model" in rows[-1]["skipped"]
 
 
 def test_cli_table_and_json(bundle, tmp_path):
@@ -61,8 +69,9 @@ def test_cli_table_and_json(bundle, tmp_path):
                                    "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
                                    "--threads", "1", "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "dense" in r.stdout and "class 0" in r.stdout
-    assert [row["path"] for row in json.loads(out.read_text())["rows"]] == ["dense", "class 0"]
+    assert "dense" in r.stdout and "class 0" in r.stdout and "pertoken" in r.stdout
+    paths = [row["path"] for row in json.loads(out.read_text())["rows"]]
+    assert paths[:2] == ["dense", "dense bf16"] and paths[-1] == "class 0"
 
 
 @pytest.mark.parametrize("args, msg", [
