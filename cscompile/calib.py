@@ -34,6 +34,8 @@ def read_prompts(path: str | os.PathLike, max_rows: int | None = None) -> list[C
         raise UserInputError(f"prompt file {path} does not exist")
     if path.is_dir():
         raise UserInputError(f"prompt file {path} is a directory, expected a .jsonl file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise UserInputError(f"prompt file {path} is not a regular file")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -63,6 +65,16 @@ def _parse_row(path: Path, line_no: int, line: str) -> CalibRow:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserInputError(f"{where}: invalid JSON ({e.msg})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserInputError(f"{where}: invalid JSON ({str(e).split(':')[0][:100]})") from None
+    except RecursionError:
+        raise UserInputError(f"{where}: invalid JSON (nested too deeply)") from None
+    if "\\u" in line:  # only a \u escape can smuggle in a lone surrogate (not valid Unicode)
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserInputError(f"{where}: a \\u escape encodes a lone surrogate, which is not "
+                                 f"valid Unicode") from None
     if not isinstance(obj, dict):
         raise UserInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     prompt = obj.pop("prompt", None)

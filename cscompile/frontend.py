@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,59 +67,175 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- loading
 def load_model(source: str | Path, trust_pickle: bool = False,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load any supported model for analysis and CPU execution (computing in `dtype`)."""
+    """Load any supported model for analysis and CPU execution (computing in `dtype`).
+
+    Every failure caused by the input (missing, unreadable, truncated, garbled or implausible
+    files, refused pickle) is a UserInputError subclass with a one-line message.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
     src = str(source)
-    path = Path(src).expanduser()
-    if not path.exists():
+    shown = _shown(src)
+    if not src or "\x00" in src:
+        raise UserInputError(f"model path {shown} is empty or holds a NUL character")
+    try:
+        path = Path(src).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # name too long, ~unknown-user, ...
+        raise UserInputError(f"model path {shown} cannot be used ({_one_line(e)})") from None
+    if not exists:
         from . import models
 
         if src in models.NAMED_MODELS:
             path = models.resolve_model(src)
         elif "/" not in src and not path.suffix:
-            raise UserInputError(f"unknown model '{src}': not a file or directory, and not one of "
-                                 f"the named models ({', '.join(sorted(models.NAMED_MODELS))})")
+            raise UserInputError(f"unknown model {shown}: not a file or directory, and not "
+                                 f"one of the named models ({', '.join(sorted(models.NAMED_MODELS))})")
         else:
-            raise UserInputError(f"model path '{src}' does not exist")
+            raise UserInputError(f"model path {shown} does not exist")
     if path.is_dir():
         loaded = _load_hf_dir(path, dtype)
-    elif path.suffix == ".gguf":
-        loaded = _load_gguf(path, dtype)
-    elif path.suffix == ".pt2":
-        loaded = _load_exported(path)
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        loaded = _load_torch_file(path, trust_pickle, dtype)
-    else:
+    elif path.suffix not in (".gguf", ".pt2", ".pt", ".pth", ".bin"):
         raise UnsupportedModelError(
             f"{path}: unsupported model format '{path.suffix or 'no suffix'}' (expected a Hugging "
             f"Face directory, .gguf, .pt/.pth saved with torch.save, or .pt2 from torch.export.save)")
+    elif not path.is_file():  # a FIFO or device would block or never end
+        raise UserInputError(f"{path}: not a regular file")
+    elif path.suffix == ".gguf":
+        loaded = _load_gguf(path, dtype)
+    elif path.suffix == ".pt2":
+        loaded = _load_exported(path, trust_pickle)
+    else:
+        loaded = _load_torch_file(path, trust_pickle, dtype)
     loaded.source = src
     loaded.model.eval()
     return loaded
 
 
+# Config fields that size the model: an implausible value is refused before anything is built
+# (a garbled config.json must not allocate terabytes or construct a million layers).
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_head",
+              "n_inner", "n_positions", "n_ctx", "ffn_dim", "d_model", "sliding_window")
+MAX_LAYERS = 1024
+MAX_SIZE = 1 << 24
+
+
+def _check_config_sizes(path, cfg: dict) -> None:
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{path}: model config is a {type(cfg).__name__}, not a JSON "
+                                    f"object")
+    for sub in ("text_config",):
+        if isinstance(cfg.get(sub), dict):
+            _check_config_sizes(path, cfg[sub])
+    for key in (*_LAYER_KEYS, *_SIZE_KEYS):
+        if key not in cfg or cfg[key] is None:
+            continue
+        value, limit = cfg[key], MAX_LAYERS if key in _LAYER_KEYS else MAX_SIZE
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise UnsupportedModelError(f"{path}: config field {key}={str(value)[:40]} is not a "
+                                        f"plausible size (an integer in 1..{limit})")
+
+
+def _stored_numel(path: Path) -> int:
+    """Elements held by the directory's safetensors files (read from their headers only)."""
+    import math
+
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        extra = f" ({', '.join(found[:3])} would need unpickling, which cscompile never does)" if found else ""
+        raise UnsupportedModelError(f"{path}: no .safetensors weights in the directory{extra}")
+    total = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    total += math.prod(st.get_slice(key).get_shape())
+        except Exception as e:  # SafetensorError for truncated or garbled headers
+            raise UnsupportedModelError(f"{f}: not a readable safetensors file "
+                                        f"({_one_line(e)})") from None
+    return total
+
+
+def _check_model_size(path, config, stored: int | None) -> None:
+    """Build the model on the meta device (no memory) and compare its size with the weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in meta.parameters())
+    buffers = sum(b.numel() for b in meta.buffers())
+    if stored is not None and params > 2 * stored + (1 << 20):
+        raise UnsupportedModelError(
+            f"{path}: config.json describes {params:,} parameters but the weights hold only "
+            f"{stored:,}: the config does not belong to these weights (garbled or mismatched)")
+    if buffers > (1 << 28):
+        raise UnsupportedModelError(f"{path}: the config implies {buffers:,} buffer elements: "
+                                    f"not a plausible model")
+
+
 def _load_hf_dir(path: Path, dtype) -> LoadedModel:
-    if not (path / "config.json").is_file():
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
         raise UnsupportedModelError(f"{path}: directory has no config.json (not a Hugging Face "
                                     f"model directory)")
+    import json
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        raw_cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, 5000-digit integers
+        raise UnsupportedModelError(f"{cfg_path}: not valid JSON ({_one_line(e)})") from None
+    except OSError as e:
+        raise UnsupportedModelError(f"{cfg_path}: cannot read ({_one_line(e)})") from None
+    _check_config_sizes(path, raw_cfg)
+    stored = _stored_numel(path)
+    try:
         config = AutoConfig.from_pretrained(path)
-        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        stored_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        _check_model_size(path, config, stored)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
+    except UserInputError:
+        raise
+    except Exception as e:  # transformers raises many types for garbled configs and weights
         raise UnsupportedModelError(f"{path}: cannot load as a causal LM ({_one_line(e)})") from None
     tokenizer = _maybe_tokenizer(path)
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    return LoadedModel(model, _model_id(path), tokenizer, stored)
+    stored_dtype = getattr(torch, stored_dtype, None) if isinstance(stored_dtype, str) else stored_dtype
+    if not isinstance(stored_dtype, torch.dtype):
+        stored_dtype = None
+    return LoadedModel(model, _model_id(path), tokenizer, stored_dtype)
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Magic, version and counts must be plausible for the file's size before a parser walks
+    them (a count of 2**63 key/value pairs must not become a very long loop)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise UnsupportedModelError(f"{path}: not a GGUF file (no GGUF header)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    # every key/value pair takes >= 13 bytes (key length, type, value), every tensor >= 24
+    if n_kv * 13 > size or n_tensors * 24 > size:
+        raise UnsupportedModelError(f"{path}: GGUF header claims {n_tensors:,} tensors and "
+                                    f"{n_kv:,} metadata entries in {size:,} bytes (truncated or "
+                                    f"corrupt)")
 
 
 def _load_gguf(path: Path, dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_header(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -126,19 +244,76 @@ def _load_gguf(path: Path, dtype) -> LoadedModel:
     return LoadedModel(model, _model_id(path), tokenizer, torch.bfloat16)
 
 
-def _load_exported(path: Path) -> LoadedModel:
+class _PickleRefused(BaseException):
+    """Raised inside torch.export.load when it tries to unpickle; a BaseException so that
+    torch's own `except Exception` fallbacks (to weights_only=False) cannot swallow it."""
+
+
+@contextmanager
+def _refuse_unpickling():
+    """While active, torch.load runs only with weights_only=True and plain pickle is refused.
+
+    torch.export.load unpickles parts of a .pt2 archive with weights_only=False (pickled
+    weights and constants, custom objects, and as a fallback for sample inputs), which runs
+    code from the file; cscompile loads .pt2 files without that unless --trust-pickle.
+    """
+    real_load, real_loads = torch.load, pickle.loads
+    real_obj = getattr(torch._C, "_pickle_load_obj", None)
+
+    def safe_load(*args, weights_only=None, **kwargs):
+        if weights_only is False:
+            raise _PickleRefused("torch.load(weights_only=False)")
+        return real_load(*args, weights_only=True, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise _PickleRefused("pickle")
+
+    torch.load, pickle.loads = safe_load, refuse
+    if real_obj is not None:
+        torch._C._pickle_load_obj = refuse
     try:
-        ep = torch.export.load(str(path))
+        yield
+    finally:
+        torch.load, pickle.loads = real_load, real_loads
+        if real_obj is not None:
+            torch._C._pickle_load_obj = real_obj
+
+
+def _load_exported(path: Path, trust_pickle: bool = False) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():  # torch warns about odd archives on stderr: our line says it
+            warnings.simplefilter("ignore")
+            if trust_pickle:
+                ep = torch.export.load(str(path))
+            else:
+                with _refuse_unpickling():
+                    ep = torch.export.load(str(path))
+    except _PickleRefused:
+        raise UserInputError(
+            f"{path}: this torch.export archive holds pickled objects; unpickling runs code from "
+            f"the file, so it is refused — pass --trust-pickle only if you trust its source") from None
     except Exception as e:
         raise UserInputError(f"{path}: cannot read torch.export program ({_one_line(e)})") from None
-    return LoadedModel(_ExportedModule(ep), _model_id(path))
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise UserInputError(f"{path}: holds no torch.export program")
+    try:
+        return LoadedModel(_ExportedModule(ep), _model_id(path))
+    except Exception as e:
+        raise UnsupportedModelError(f"{path}: cannot rebuild the exported program "
+                                    f"({_one_line(e)})") from None
 
 
 def _load_torch_file(path: Path, trust_pickle: bool, dtype) -> LoadedModel:
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read ({_one_line(e)})") from None
+    if not is_zip:
         raise UserInputError(f"{path}: not a readable torch.save file (truncated or corrupt)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our line says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             what = _one_line(e).split("Unsupported global: ")[-1].split(" was not")[0][:120]
@@ -147,7 +322,7 @@ def _load_torch_file(path: Path, trust_pickle: bool, dtype) -> LoadedModel:
                 f"file, so it is refused — pass --trust-pickle only if you trust its source, or "
                 f"save {{'config': ..., 'state_dict': ...}} instead") from None
         obj = _torch_load_trusted(path)
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # RuntimeError, EOFError, zipfile/struct/Unicode errors on corrupt files
         raise UserInputError(f"{path}: cannot read ({_one_line(e)})") from None
 
     if isinstance(obj, torch.export.ExportedProgram):
@@ -174,16 +349,29 @@ def _torch_load_trusted(path: Path):
 def _model_from_config(path, config: dict, state_dict, dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_config_sizes(path, config)
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise UnsupportedModelError(f"{path}: 'state_dict' is not a mapping of names to tensors")
     cfg = dict(config)
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise UnsupportedModelError(f"{path}: config has no 'model_type'")
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(f"{path}: config 'model_type' is not a string")
+    if not all(isinstance(k, str) for k in cfg):
+        raise UnsupportedModelError(f"{path}: config keys must be strings")
+    stored = sum(v.numel() for v in state_dict.values())
     try:
         hf_config = AutoConfig.for_model(model_type, **cfg)
+        _check_model_size(path, hf_config, stored)
         model = AutoModelForCausalLM.from_config(hf_config)
         model.load_state_dict(state_dict, strict=False)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UnsupportedModelError(f"{path}: cannot build '{model_type}' ({_one_line(e)})") from None
+    except UserInputError:
+        raise
+    except Exception as e:  # ValueError, KeyError, TypeError, RuntimeError, ... from garbled configs
+        raise UnsupportedModelError(f"{path}: cannot build '{model_type[:60]}' "
+                                    f"({_one_line(e)})") from None
     return model.to(dtype)
 
 
@@ -216,8 +404,18 @@ def _model_id(path: Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """A user-given name for a one-line message: quoted, control characters escaped."""
+    if text.isprintable():
+        return f"'{text[:limit]}'" + ("..." if len(text) > limit else "")
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    try:
+        text = str(e).strip().splitlines()
+    except Exception:  # an exception whose __str__ fails
+        text = []
     return (text[0] if text else type(e).__name__)[:200]
 
 

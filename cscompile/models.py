@@ -104,7 +104,14 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if named is not None:
         return _cached_conversion(text.lower(), find_gguf(named))
 
-    path = Path(text).expanduser()
+    if not text or "\x00" in text:
+        raise UserInputError(f"model path {text!r} is empty or holds a NUL character")
+    try:
+        path = Path(text).expanduser()
+        path.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # name too long, ~unknown-user, ...
+        reason = str(getattr(e, "strerror", None) or e).splitlines()[0][:200]
+        raise UserInputError(f"model path {text[:200]!r} cannot be used ({reason})") from None
     if path.is_dir():
         return path
     if path.is_file() and path.suffix == ".gguf":

@@ -205,8 +205,14 @@ def _pertoken_from_bundle(bundle, model, smap, backend: str):
         raise BundleError(f"bundle {bundle.path}: malformed pertoken section") from None
     sketches = bundle.tensors(file) if file else {}
     elsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(bundle.manifest.get("weights_dtype"))
-    pt = PerToken(model, smap, plan, sketches, elsize=elsize,
-                  backend="cpu" if backend == "cpu" else "torch")
+    try:
+        pt = PerToken(model, smap, plan, sketches, elsize=elsize,
+                      backend="cpu" if backend == "cpu" else "torch")
+    except (BundleError, UserInputError):
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise BundleError(f"bundle {bundle.path}: malformed per-token plan or sketches "
+                          f"({type(e).__name__})") from None
     pt.detach()  # attached by the decode steps that use it (runtime.generate)
     return pt
 
@@ -228,6 +234,19 @@ def _source_dir(bundle) -> Path:
 
 
 def _model_from_bundle(bundle) -> torch.nn.Module:
+    """The HF model the manifest describes; a manifest that passed its seal can still carry
+    values transformers chokes on (a resealed edit): those are refused as one line."""
+    try:
+        return _build_model(bundle)
+    except BundleError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise BundleError(f"bundle {bundle.path}: the model config or weights do not load "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                          ) from None
+
+
+def _build_model(bundle) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -223,9 +223,10 @@ def test_deleted_file_is_refused(bundle_dir):
 
 
 def _edit_manifest(bundle_dir, **changes):
+    """Change manifest fields as a legitimate writer would: canonical text, fresh seal."""
     m = json.loads((bundle_dir / "manifest.json").read_text())
     m.update(changes)
-    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+    (bundle_dir / "manifest.json").write_text(dumps_json(bundle_mod.seal_manifest(m)))
     return m
 
 
