@@ -51,28 +51,11 @@ def _ids(tokenizer, row, max_tokens: int) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def _answer_kl(model, pt, items) -> dict:
-    """KL / top-1 on the answer tokens: prompt prefilled dense, answer on the per-token path."""
-    from transformers import DynamicCache
+    """KL / top-1 on the answer tokens: prompt prefilled dense, answer on the per-token path
+    (the last answer token predicts nothing and is dropped)."""
+    from cscompile.passes.allocate import decode_kl
 
-    from cscompile.compat import cache_kwargs
-
-    kl, agree, n = 0.0, 0.0, 0
-    for ids, p in items:
-        ids = ids.view(1, -1)
-        logp = []
-        for mode in ("dense", "pertoken"):
-            cache = DynamicCache(config=model.config)
-            pt.mode = "dense"
-            model(input_ids=ids[:, :p], **cache_kwargs(model, cache), use_cache=True)
-            pt.mode = mode
-            out = model(input_ids=ids[:, p:-1], **cache_kwargs(model, cache), use_cache=True)
-            pt.mode = "dense"
-            logp.append(torch.log_softmax(out.logits[0].double(), -1))
-        d, g = logp
-        kl += float((d.exp() * (d - g)).sum(-1).sum())
-        agree += float((d.argmax(-1) == g.argmax(-1)).double().sum())
-        n += d.shape[0]
-    return {"kl": kl / max(n, 1), "top1": agree / max(n, 1), "tokens": n}
+    return decode_kl(model, pt, [ids[:-1] for ids, _ in items], splits=[p for _, p in items])
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ How (TEAL's block-wise greedy, on the operators' own outputs):
    receives, what it returns, and the residual stream leaving the layer.
 2. Menu: every operator/sparsity option of each part (layer x {qkv, o, ffn}) is run on those
    captured inputs alone; its cost is the bytes it reads per token, its local distortion the
-   squared change of the part's output relative to the residual stream's energy there
-   (sum over positions of |dy|^2 / sum of |r|^2). Local distortion alone misjudges layers
+   squared change of the part's output relative to the residual stream there (mean over
+   positions of |dy_t|^2 / |r_t|^2). Local distortion alone misjudges layers
    (measured on SmolLM2: it starved some layers to 10% of their channels and lost to a uniform
    plan), so each part's scale is measured: one teacher-forced forward with only that part at a
    reference config gives its KL to dense, and KL / local distortion (the part's sensitivity)
@@ -161,9 +161,14 @@ def _capture(model, smap, pt: PerToken, prompts) -> _Captured:
 
 
 # ----------------------------------------------------------------------------- menus
-def _distortion(out: torch.Tensor, ref: torch.Tensor, resid_energy: float) -> float:
-    """Squared change of a part's output relative to the residual stream's energy."""
-    return float((out - ref).double().pow(2).sum()) / max(resid_energy, 1e-30)
+def _distortion(out: torch.Tensor, ref: torch.Tensor, resid: torch.Tensor) -> float:
+    """Mean over positions of |dy_t|^2 / |r_t|^2: a part's output change relative to the
+    residual stream at the same position. Per position, because SmolLM2's first position
+    carries a residual ~100x the others' from layer 11 on (an attention sink): pooled energy
+    would make those layers look free to sparsify."""
+    num = (out - ref).double().pow(2).sum(-1)
+    den = resid.double().pow(2).sum(-1).clamp_min(1e-30)
+    return float((num / den).mean())
 
 
 @torch.no_grad()
@@ -173,7 +178,7 @@ def _menu(model, smap, pt: PerToken, cap: _Captured, li: int, part: str, shapes)
     bits, group = pt.plan["sketch"]["bits"], pt.plan["sketch"]["group"]
     module = pt.parts[li][part]
     attn = model.get_submodule(smap.layers[li].attention.module)
-    energy = float(cap.flat("resid", li).double().pow(2).sum())
+    resid = cap.flat("resid", li)
     rows = []
     if part == "ffn":
         menu = [c for c in FFN_MENU if c["op"] != "sketch" or module.sketches is not None]
@@ -181,7 +186,7 @@ def _menu(model, smap, pt: PerToken, cap: _Captured, li: int, part: str, shapes)
         for cfg in menu:
             module.cfg = cfg
             rows.append((cfg, ffn_bytes(cfg, h, shapes.ffn_width[li], shapes.gated[li], el, bits,
-                                        group), _distortion(module(x), ref, energy)))
+                                        group), _distortion(module(x), ref, resid)))
         module.cfg = {"op": "dense"}
         dense = ffn_bytes({"op": "dense"}, h, shapes.ffn_width[li], shapes.gated[li], el, bits,
                           group)
@@ -195,7 +200,7 @@ def _menu(model, smap, pt: PerToken, cap: _Captured, li: int, part: str, shapes)
                 o = attn(*a, **kw)
                 outs.append((o[0] if isinstance(o, tuple) else o)[m])
             rows.append((cfg, input_bytes(cfg, n_in, n_out, el),
-                         _distortion(torch.cat(outs), ref, energy)))
+                         _distortion(torch.cat(outs), ref, resid)))
         module.cfg = {"op": "dense"}
         dense = input_bytes({"op": "dense"}, n_in, n_out, el)
     return [({"op": "dense"}, dense, 0.0)] + rows
@@ -357,16 +362,16 @@ def plan_for_budget(path: Path, budget: float) -> tuple[dict, int]:
 
 
 @torch.no_grad()
-def decode_kl(model, pt: PerToken, prompts: list[torch.Tensor]) -> dict:
-    """Teacher-forced check of the path as decode runs it: each prompt's first half prefilled
-    dense into a KV cache, its second half in one per-token forward on that cache; token-
-    weighted KL(dense || path) and top-1 agreement over the second half's positions."""
+def decode_kl(model, pt: PerToken, prompts: list[torch.Tensor], splits=None) -> dict:
+    """Teacher-forced check of the path as decode runs it: each prompt's first half (or its
+    first splits[i] tokens) prefilled dense into a KV cache, the rest in one per-token forward
+    on that cache; token-weighted KL(dense || path) and top-1 agreement over those positions."""
     from transformers import DynamicCache
 
     kl_sum, agree, n = 0.0, 0.0, 0
-    for ids in prompts:
+    for i, ids in enumerate(prompts):
         ids = ids.view(1, -1)
-        half = max(1, ids.shape[1] // 2)
+        half = max(1, ids.shape[1] // 2) if splits is None else int(splits[i])
         if ids.shape[1] - half < 1:
             continue
         logp = []
