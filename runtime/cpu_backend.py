@@ -25,8 +25,9 @@ from . import cpu_kernels as K
 
 
 def _masked(x, keep, idx):
-    """(x, idx) for gather_gemv: rows masked to their own inputs, idx the batch's union."""
-    if idx is not None:
+    """(x, idx) for gather_gemv: rows masked to their own inputs, idx the batch's union
+    (keep=None: idx as given, None meaning every input)."""
+    if keep is None:
         return x.float(), idx
     return (x * keep).float(), _union(keep)
 
@@ -44,7 +45,7 @@ class CpuWeights:
         for li, layer in enumerate(smap.layers):
             cfg = plan["layers"][li]
             a, f = layer.attention, layer.ffn
-            if cfg["qkv"]["op"] != "dense":
+            if True:  # every layer: dense parts run the same kernels on the storage dtype
                 ws = [model.get_submodule(p) for p in (a.q, a.k, a.v)]
                 self.qkv_t[li] = self._copy(torch.cat([m.weight.detach() for m in ws]).T)
                 self.qkv_split[li] = [m.weight.shape[0] for m in ws]
@@ -52,25 +53,22 @@ class CpuWeights:
                     self.qkv_bias[li] = torch.cat([
                         m.bias.detach().float() if m.bias is not None
                         else torch.zeros(m.weight.shape[0]) for m in ws])
-            if cfg["o"]["op"] != "dense":
+            if True:
                 o = model.get_submodule(a.o)
                 self.o_t[li] = self._copy(o.weight.detach().T)
                 self.o_bias[li] = None if o.bias is None else o.bias.detach().float()
             op = cfg["ffn"]["op"]
-            if op in ("sketch", "teal", "wina") and f.gated and _no_bias(model, f):
+            if op in ("sketch", "teal", "wina", "dense") and f.gated and _no_bias(model, f):
                 g, u, d = (model.get_submodule(p).weight.detach() for p in (f.gate, f.up, f.down))
-                if op == "sketch":
+                if op in ("sketch", "dense"):
                     self.ffn[li] = {"op": op, "g": self._copy(g), "u": self._copy(u),
                                     "d_t": self._copy(d.T)}
                 else:
                     self.ffn[li] = {"op": op, "g_t": self._copy(g.T), "u_t": self._copy(u.T),
                                     "d_t": self._copy(d.T)}
-        self.head = None
-        if plan["lm_head"]["op"] == "sketch":
-            from .pertoken import output_head
+        from .pertoken import output_head
 
-            head = output_head(model)
-            self.head = self._copy(head.weight.detach())
+        self.head = self._copy(output_head(model).weight.detach())
 
     def _copy(self, w: torch.Tensor) -> torch.Tensor:
         return w.to(self.dtype).contiguous()

@@ -355,6 +355,9 @@ class _Stats:
         return {k: torch.stack(v).amax(0) for k, v in self.missed.items() if v}
 
 
+_ALL = None  # "every index" for the CPU kernels
+
+
 def _decode_rows(x: torch.Tensor) -> bool:
     """A decode step's input, [B, 1, features]: what the CPU kernels run on."""
     return x.dim() == 3 and x.shape[1] == 1
@@ -375,9 +378,21 @@ class _InputSparse(nn.Module):
     def forward(self, x):
         owner = self.owner
         cfg = owner.cfg
-        if owner.rt.mode == "dense" or cfg["op"] == "dense":
+        if owner.rt.mode == "dense":
             return self.linear(x)
         cpu = owner.rt.cpu
+        if cfg["op"] == "dense":
+            if cpu is None or not _decode_rows(x):
+                return self.linear(x)
+            if owner.last is not None and owner.last[0] is x:
+                return owner.last[1][self.slot]
+            b = x.shape[0]  # a dense part of the plan: the same kernels, every input
+            if self.part == "qkv":
+                outs = [y.view(b, 1, -1) for y in cpu.qkv(owner.li, x.reshape(b, -1),
+                                                           idx=_ALL)]
+                owner.last = (x, outs)
+                return outs[self.slot]
+            return cpu.o(owner.li, x.reshape(b, -1), idx=_ALL).view(b, 1, -1)
         if cpu is not None and _decode_rows(x) and owner.last is not None and \
                 owner.last[0] is x:  # k and v: computed with q in one pass
             return owner.last[1][self.slot]
@@ -438,7 +453,14 @@ class _SparseFFN(nn.Module):
     def forward(self, x):
         cfg = self.cfg
         op = cfg["op"]
-        if self.rt.mode == "dense" or op == "dense":
+        if self.rt.mode == "dense":
+            return self.mlp(x)
+        if op == "dense":
+            cpu = self.rt.cpu
+            if cpu is not None and _decode_rows(x) and self.li in cpu.ffn and \
+                    isinstance(self.act, nn.SiLU):
+                b = x.shape[0]
+                return cpu.ffn_fused(self.li, x.reshape(b, -1), None).view(b, 1, -1).to(x.dtype)
             return self.mlp(x)
         width = self.down.weight.shape[1]
         k = count(cfg.get("keep", 1.0), width)
@@ -510,7 +532,15 @@ class _SparseHead(nn.Module):
 
     def forward(self, h):
         cfg = self.rt.plan["lm_head"]
-        if self.rt.mode == "dense" or cfg["op"] == "dense":
+        if self.rt.mode == "dense":
+            return self.head(h)
+        if cfg["op"] == "dense":
+            cpu = self.rt.cpu
+            if cpu is not None and _decode_rows(h):
+                b = h.shape[0]
+                y = cpu.head_exact(h.reshape(b, -1), None)
+                y = y if self.bias is None else y + self.bias.float()
+                return y.view(b, 1, -1).to(h.dtype)
             return self.head(h)
         cpu = self.rt.cpu if _decode_rows(h) and self.rt.cpu is not None and \
             self.rt.cpu.head is not None else None
