@@ -26,15 +26,8 @@ BATCHES = [1, 3, 16]
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """torch.empty returns NaN-filled tensors while a test runs (unwritten outputs show up)."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def _poisoned(poison):
+    """Every test here runs with conftest's NaN-filled torch.empty."""
 
 
 class threads:
