@@ -45,18 +45,17 @@ class CpuWeights:
         for li, layer in enumerate(smap.layers):
             cfg = plan["layers"][li]
             a, f = layer.attention, layer.ffn
-            if True:  # every layer: dense parts run the same kernels on the storage dtype
-                ws = [model.get_submodule(p) for p in (a.q, a.k, a.v)]
-                self.qkv_t[li] = self._copy(torch.cat([m.weight.detach() for m in ws]).T)
-                self.qkv_split[li] = [m.weight.shape[0] for m in ws]
-                if any(m.bias is not None for m in ws):
-                    self.qkv_bias[li] = torch.cat([
-                        m.bias.detach().float() if m.bias is not None
-                        else torch.zeros(m.weight.shape[0]) for m in ws])
-            if True:
-                o = model.get_submodule(a.o)
-                self.o_t[li] = self._copy(o.weight.detach().T)
-                self.o_bias[li] = None if o.bias is None else o.bias.detach().float()
+            # every layer, dense parts too: they run the same kernels on the storage dtype
+            ws = [model.get_submodule(p) for p in (a.q, a.k, a.v)]
+            self.qkv_t[li] = self._copy(torch.cat([m.weight.detach() for m in ws]).T)
+            self.qkv_split[li] = [m.weight.shape[0] for m in ws]
+            if any(m.bias is not None for m in ws):
+                self.qkv_bias[li] = torch.cat([
+                    m.bias.detach().float() if m.bias is not None
+                    else torch.zeros(m.weight.shape[0]) for m in ws])
+            o = model.get_submodule(a.o)
+            self.o_t[li] = self._copy(o.weight.detach().T)
+            self.o_bias[li] = None if o.bias is None else o.bias.detach().float()
             op = cfg["ffn"]["op"]
             if op in ("sketch", "teal", "wina", "dense") and f.gated and _no_bias(model, f):
                 g, u, d = (model.get_submodule(p).weight.detach() for p in (f.gate, f.up, f.down))

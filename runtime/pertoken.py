@@ -381,11 +381,12 @@ class _InputSparse(nn.Module):
         if owner.rt.mode == "dense":
             return self.linear(x)
         cpu = owner.rt.cpu
+        on_kernels = cpu is not None and _decode_rows(x)
+        if on_kernels and owner.last is not None and owner.last[0] is x:
+            return owner.last[1][self.slot]  # k and v: computed with q in one pass
         if cfg["op"] == "dense":
-            if cpu is None or not _decode_rows(x):
+            if not on_kernels:
                 return self.linear(x)
-            if owner.last is not None and owner.last[0] is x:
-                return owner.last[1][self.slot]
             b = x.shape[0]  # a dense part of the plan: the same kernels, every input
             if self.part == "qkv":
                 outs = [y.view(b, 1, -1) for y in cpu.qkv(owner.li, x.reshape(b, -1),
@@ -393,14 +394,11 @@ class _InputSparse(nn.Module):
                 owner.last = (x, outs)
                 return outs[self.slot]
             return cpu.o(owner.li, x.reshape(b, -1), idx=_ALL).view(b, 1, -1)
-        if cpu is not None and _decode_rows(x) and owner.last is not None and \
-                owner.last[0] is x:  # k and v: computed with q in one pass
-            return owner.last[1][self.slot]
         score = x.abs()
         if cfg["op"] == "wina":
             score = score * owner.col_norms.to(x)
         k = count(cfg.get("keep", 1.0), x.shape[-1])
-        if cpu is not None and _decode_rows(x) and x.shape[0] == 1:
+        if on_kernels and x.shape[0] == 1:
             idx, missed = top_indices(score, k)
             if self.record:
                 owner.rt.stats.add(self.part, missed)
@@ -413,7 +411,7 @@ class _InputSparse(nn.Module):
         keep = topk_mask(score, k)
         if self.record:
             owner.rt.stats.add(self.part, missed_share(score, keep))
-        if cpu is not None and _decode_rows(x):
+        if on_kernels:
             b = x.shape[0]
             flat, kf = x.reshape(b, -1), keep.reshape(b, -1)
             if self.part == "qkv":
