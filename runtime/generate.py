@@ -40,16 +40,17 @@ Batches (`generate_batch(session, prompts, batch_size=8, ...)`, results in input
     stacked cache sliced once; masked: the hooks, applied to every row alike). A chunk decodes
     as soon as it is full, so about (groups x batch_size) prefill caches are held at once. A
     cache with sliding-window (or other non-plain) layers is not stacked: rows decode alone;
-  * a row that finishes (eos, length, context) stops being recorded but keeps computing, fed
-    its last token at a masked position, until its chunk finishes;
+  * a chunk decodes on a DecodeBatch, the step-level form of this loop that the server
+    (runtime.engine) also drives: rows join and leave between steps, and a row that finishes
+    (eos, length, context) leaves the stacked cache at once;
   * refinement is NOT batched: with an active refine config every class-path row is decoded
     alone by the single-prompt loop (its Result says batch_size=1); dense rows still batch,
     since refinement never touches the dense path. A chunk of one row also runs that loop;
   * sampling: every row draws from its own generator seeded with `seed`, as if generated alone;
   * each Result keeps its own stats (class, densities, energy, bytes per token, finish reason)
-    and prefill_s; decode_s is its chunk's decode seconds and `batch_size` the rows of the
-    chunk, so decode_tokens_per_s is the row's own steps over the chunk's time (the chunk's
-    throughput is the sum over its rows).
+    and prefill_s; decode_s is the row's own seconds in its batch and `batch_size` the most
+    rows it shared a step with, so decode_tokens_per_s is the row's own steps over its own
+    time (a chunk's throughput is the sum over its rows).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ import torch
 from cscompile.compat import cache_kwargs
 from cscompile.errors import UserInputError
 
+from .decode_step import decode_logits
+from .decode_step import supports as decode_step_supports
 from .refine import (InputSparsity, RefineConfig, energy_fraction, measurement_bytes,
                      refined_support_bytes,
                      teal_select)
@@ -373,6 +376,7 @@ class _Path:
         smap = session.smap
         self.kind = kind
         self.pertoken = session.pertoken if kind == "pertoken" else None
+        self.lean_step = self.pertoken is not None and decode_step_supports(session.model)
         if self.pertoken is not None:
             nb = self.pertoken.bytes()
             self.pertoken_bytes, self.pertoken_fraction = int(round(nb["bytes"])), nb["fraction"]
@@ -435,15 +439,23 @@ def pertoken_steps(pt):
         pt.detach()
 
 
-def _pertoken_step(path: _Path, run):
-    """Run one decode forward on the per-token path; returns (output, per-row missed dicts)."""
+def _pertoken_step(path: _Path, model, ids, cache, mask=None, positions=None,
+                   keep_last=None):
+    """One decode forward on the per-token path: (logits [B, 1, V], per-row missed dicts).
+    Llama-family models run runtime.decode_step's plain loop over the same modules, others
+    the HF forward."""
     pt = path.pertoken
     with pertoken_steps(pt):
-        out = run()
+        if path.lean_step:
+            logits = decode_logits(model, ids, cache, mask, positions)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           **cache_kwargs(model, cache), use_cache=True,
+                           **(keep_last or {})).logits
     worst = pt.missed()
-    n = out.logits.shape[0]
+    n = logits.shape[0]
     rows = [{k: float(v.view(n, -1)[i, -1]) for k, v in worst.items()} for i in range(n)]
-    return out, rows
+    return logits, rows
 
 
 def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -> Result:
@@ -496,11 +508,10 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
                 hooks.mode = mode
             step_in = torch.tensor([[token]], device=dev)
             if path.pertoken is not None:
-                out, (m,) = _pertoken_step(path, lambda: model(
-                    input_ids=step_in, **cache_kwargs(model, cache), use_cache=True, **keep_last))
+                logits, (m,) = _pertoken_step(path, model, step_in, cache, keep_last=keep_last)
                 missed.append(m)
                 record(path.pertoken_fraction, 1.0 - m.get("ffn", 0.0), path.pertoken_bytes)
-                token = sample(out.logits[0, -1], opts.temperature, opts.top_p, gen)
+                token = sample(logits[0, -1], opts.temperature, opts.top_p, gen)
                 continue
             out = step_model(input_ids=step_in, **cache_kwargs(step_model, cache), use_cache=True,
                              **keep_last)
@@ -598,86 +609,170 @@ def _stack_caches(config, caches, length: int):
     return new
 
 
+class BatchRow:
+    """One prompt inside a DecodeBatch: its prefill, sampling state and what it generated."""
+
+    def __init__(self, session, pre: _Prefilled, opts: _Options, stream=None):
+        self.session, self.pre, self.opts = session, pre, opts
+        self.gen = opts.generator(session.device)
+        self.streamer = _Streamer(session.tokenizer, stream)
+        self.generated: list[int] = []
+        self.densities, self.energy, self.nbytes, self.missed = [], [], [], []
+        self.token: int | None = None  # the next input token (sampled, not yet fed)
+        self.finish: str | None = None  # eos | length | context once done
+        self.batch_size = 1  # most rows this one shared a step with
+        self.t0 = time.perf_counter()
+
+    def advance(self, token: int) -> bool:
+        """Record a sampled token; False when it ends the row (same order of checks as the
+        single-prompt loop, so both stop on the same token)."""
+        self.generated.append(token)
+        self.streamer.push(self.generated)
+        self.token = token
+        if token in self.opts.eos:
+            self.finish = "eos"
+        elif len(self.generated) == self.opts.max_new_tokens:
+            self.finish = "length"
+        elif self.opts.ctx and len(self.pre.ids) + len(self.generated) >= self.opts.ctx:
+            self.finish = "context"
+        return self.finish is None
+
+    def result(self, path: _Path) -> Result:
+        return _result(self.session, self.pre, path, self.generated, self.densities,
+                       self.energy, self.nbytes, [], time.perf_counter() - self.t0,
+                       self.finish or "length", self.batch_size, self.missed)
+
+
+class DecodeBatch:
+    """Rows that share one static decode path (the per-token path, one class, or dense),
+    decoded with ONE forward per step; rows join (`add`) and leave (`drop`) between steps.
+
+    The stacked cache holds every row left-padded to the longest; an attention mask hides
+    the padding and position_ids = cumsum(mask) - 1 give each row its own positions, so a
+    row's tokens are what single-prompt `generate` gives it (up to float reordering) whatever
+    joins or leaves around it. A row that finishes leaves at once (its cache rows are cut out,
+    and the columns no row uses any more). generate_batch decodes its chunks on one; the server
+    (runtime.engine) keeps one per path open and admits requests between steps. close() when
+    done (a masked class path holds hooks on the dense model, active only inside its steps)."""
+
+    def __init__(self, session, path: _Path):
+        self.session, self.path = session, path
+        self.rows: list[BatchRow] = []
+        self.cache, self.mask = None, None  # mask: [rows, cache length] long
+        self.model = path.compact if path.compact is not None else session.model
+        self.hooks = None
+        if path.use_class and path.compact is None:
+            self.hooks = _PathHooks(session.model, session.smap, path.cls.support, None)
+            self.hooks.per_row = True  # mode stays "dense" (a no-op) outside this batch's steps
+
+    @torch.no_grad()
+    def add(self, pre: _Prefilled, opts: _Options, stream=None) -> BatchRow:
+        """A prefilled prompt joins (sampling its first token from the prefill logits, as the
+        single-prompt loop does); if that token already ends it, it never enters the cache."""
+        row = BatchRow(self.session, pre, opts, stream)
+        cache, pre.cache = pre.cache, None
+        if not row.advance(sample(pre.logits, opts.temperature, opts.top_p, row.gen)):
+            return row
+        if self.path.compact is not None:
+            cache = slice_cache(cache, self.session.model, self.session.smap,
+                                self.path.cls.support)
+        n = len(pre.ids)
+        own = torch.ones(1, n, dtype=torch.long, device=self.session.device)
+        if not self.rows:
+            self.cache, self.mask = cache, own
+        else:
+            width = max(self.mask.shape[1], n)
+            self.cache = _stack_caches(self.model.config, [self.cache, cache], width)
+            pad = torch.nn.functional.pad
+            self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)),
+                                   pad(own, (width - n, 0))])
+        self.rows.append(row)
+        return row
+
+    def drop(self, row: BatchRow):
+        """Take a row out (finished, cancelled): its cache rows go, and any leading columns
+        no remaining row uses."""
+        i = self.rows.index(row)
+        del self.rows[i]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        keep = torch.tensor([j for j in range(len(self.rows) + 1) if j != i],
+                            device=self.mask.device)
+        mask = self.mask[keep]
+        start = int(mask.any(0).nonzero()[0])  # rows are left-padded: a prefix no row uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[keep, :, start:]
+                layer.values = layer.values[keep, :, start:]
+
+    @torch.no_grad()
+    def step(self) -> list[BatchRow]:
+        """One decode forward over every row; returns the rows it finished (already dropped)."""
+        rows, path, dev = self.rows, self.path, self.session.device
+        n = len(rows)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(n, 1)], dim=1)
+        mask, opts0 = self.mask, rows[0].opts
+
+        def run():
+            return self.model(input_ids=torch.tensor([[r.token] for r in rows], device=dev),
+                              attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                              **cache_kwargs(self.model, self.cache), use_cache=True,
+                              **opts0.keep_last)
+
+        row_missed = None
+        if path.pertoken is not None:
+            ids = torch.tensor([[r.token] for r in rows], device=dev)
+            logits, row_missed = _pertoken_step(path, self.model, ids, self.cache, mask,
+                                                mask.sum(-1, keepdim=True) - 1, opts0.keep_last)
+        elif self.hooks is not None:
+            self.hooks.mode = "class"
+            try:
+                logits = run().logits
+            finally:
+                self.hooks.mode = "dense"
+        else:
+            logits = run().logits
+        done = []
+        for i, r in enumerate(rows):
+            r.batch_size = max(r.batch_size, n)
+            if row_missed is not None:
+                r.missed.append(row_missed[i])
+                stats = (path.pertoken_fraction, 1.0 - row_missed[i].get("ffn", 0.0),
+                         path.pertoken_bytes)
+            elif path.use_class:
+                e = (min((float(t[i]) for t in self.hooks.row_energy.values()), default=1.0)
+                     if self.hooks else None)
+                stats = (path.cls.density, e, path.class_bytes)
+            else:
+                stats = (1.0, 1.0, path.total_bytes)
+            r.densities.append(stats[0])
+            r.energy.append(stats[1])
+            r.nbytes.append(stats[2])
+            if not r.advance(sample(logits[i, -1], r.opts.temperature, r.opts.top_p, r.gen)):
+                done.append(r)
+        for r in done:
+            self.drop(r)
+        return done
+
+    def close(self):
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+
 def _decode_chunk(session, rows: list[_Prefilled], path: _Path, opts: _Options,
                   streams) -> list[Result]:
     """Decode rows that share a static path (one class, or dense) with one forward per step."""
-    model, smap, dev = session.model, session.smap, session.device
-    cls, n = path.cls, len(rows)
-    width = max(len(r.ids) for r in rows)
-    cache = _stack_caches(model.config, [r.cache for r in rows], width)
-    mask = torch.zeros(n, width, dtype=torch.long, device=dev)
-    for i, r in enumerate(rows):
-        r.cache = None
-        mask[i, width - len(r.ids):] = 1
-    hooks, step_model = None, model
-    if path.compact is not None:
-        step_model, cache = path.compact, slice_cache(cache, model, smap, cls.support)
-    elif path.use_class:
-        hooks = _PathHooks(model, smap, cls.support, None)
-        hooks.mode, hooks.per_row = "class", True
-
-    gens = [opts.generator(dev) for _ in rows]
-    streamers = [_Streamer(session.tokenizer, s) for s in streams]
-    generated = [[] for _ in rows]
-    densities, energy, nbytes = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
-    missed = [[] for _ in rows]
-    finish, live = ["length"] * n, [True] * n
-    t1 = time.perf_counter()
+    batch = DecodeBatch(session, path)
     try:
-        tokens = [sample(r.logits, opts.temperature, opts.top_p, g) for r, g in zip(rows, gens)]
-        for _ in range(opts.max_new_tokens):
-            for i, r in enumerate(rows):
-                if not live[i]:
-                    continue
-                generated[i].append(tokens[i])
-                streamers[i].push(generated[i])
-                if tokens[i] in opts.eos:
-                    finish[i], live[i] = "eos", False
-                elif len(generated[i]) == opts.max_new_tokens:
-                    live[i] = False
-                elif opts.ctx and len(r.ids) + len(generated[i]) >= opts.ctx:
-                    finish[i], live[i] = "context", False
-            if not any(live):
-                break
-            # finished rows keep computing, fed their last token, outputs unused; their new
-            # position is masked so their position_ids stay inside the context (learned
-            # position embeddings have no row past it)
-            mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]],
-                             dim=1)
-            def step():
-                return step_model(input_ids=torch.tensor(tokens, device=dev)[:, None],
-                                  attention_mask=mask,
-                                  position_ids=mask.sum(-1, keepdim=True) - 1,
-                                  **cache_kwargs(step_model, cache), use_cache=True,
-                                  **opts.keep_last)
-            row_missed = None
-            if path.pertoken is not None:
-                out, row_missed = _pertoken_step(path, step)
-            else:
-                out = step()
-            for i in range(n):
-                if not live[i]:
-                    continue
-                if row_missed is not None:
-                    missed[i].append(row_missed[i])
-                    step_stats = (path.pertoken_fraction, 1.0 - row_missed[i].get("ffn", 0.0),
-                                  path.pertoken_bytes)
-                elif path.use_class:
-                    e = (min((float(t[i]) for t in hooks.row_energy.values()), default=1.0)
-                         if hooks else None)
-                    step_stats = (cls.density, e, path.class_bytes)
-                else:
-                    step_stats = (1.0, 1.0, path.total_bytes)
-                densities[i].append(step_stats[0])
-                energy[i].append(step_stats[1])
-                nbytes[i].append(step_stats[2])
-                tokens[i] = sample(out.logits[i, -1], opts.temperature, opts.top_p, gens[i])
+        members = [batch.add(pre, opts, s) for pre, s in zip(rows, streams)]
+        while batch.rows:
+            batch.step()
     finally:
-        if hooks:
-            hooks.remove()
-    decode_s = time.perf_counter() - t1
-    return [_result(session, r, path, generated[i], densities[i], energy[i], nbytes[i], [],
-                    decode_s, finish[i], n, missed[i]) for i, r in enumerate(rows)]
+        batch.close()
+    return [r.result(path) for r in members]
 
 
 @torch.no_grad()

@@ -439,6 +439,7 @@ class _SparseFFN(nn.Module):
         self.__dict__.update(mlp=mlp, gate=gate, up=up, down=down, act=act)  # unregistered
         self.rt, self.li, self.cfg = rt, li, cfg
         self.sketches = sketches  # (gate sketch | None, up sketch) or None
+        self.silu = is_silu(act)  # the fused CPU kernel applies SiLU itself
         ws = [m.weight for m in (gate, up) if m is not None]
         self.in_norms = torch.cat([w.detach().float() for w in ws], 0).norm(dim=0)
         self.down_norms = down.weight.detach().float().norm(dim=0)
@@ -455,8 +456,7 @@ class _SparseFFN(nn.Module):
             return self.mlp(x)
         if op == "dense":
             cpu = self.rt.cpu
-            if cpu is not None and _decode_rows(x) and self.li in cpu.ffn and \
-                    isinstance(self.act, nn.SiLU):
+            if cpu is not None and _decode_rows(x) and self.li in cpu.ffn and self.silu:
                 b = x.shape[0]
                 return cpu.ffn_fused(self.li, x.reshape(b, -1), None).view(b, 1, -1).to(x.dtype)
             return self.mlp(x)
@@ -490,8 +490,7 @@ class _SparseFFN(nn.Module):
             ue = su(x, packed)
             est = self.act(sg(x, packed)) * ue if sg is not None else self.act(ue)
             n_cand = min(width, int(round(cfg.get("cand", 1.0) * k)))
-            if cpu is not None and x.shape[0] == 1 and n_cand == k and \
-                    isinstance(self.act, nn.SiLU):
+            if cpu is not None and x.shape[0] == 1 and n_cand == k and self.silu:
                 idx, missed = top_indices(est.abs(), k)
                 self.rt.stats.add("ffn", missed)
                 return cpu.ffn_fused(self.li, x.reshape(1, -1), idx).view(1, 1, -1).to(x.dtype)
@@ -499,7 +498,7 @@ class _SparseFFN(nn.Module):
             if cpu is not None:
                 b = x.shape[0]
                 y, keep = cpu.ffn_channels(self.li, x.reshape(b, -1), cand.reshape(b, -1), k,
-                                           self.act, isinstance(self.act, nn.SiLU))
+                                           self.act, self.silu)
                 self.rt.stats.add("ffn", missed_share(est.reshape(b, -1), keep))
                 return y.view(b, 1, -1).to(x.dtype)
             h = self._inter(x)
@@ -567,9 +566,15 @@ class _SparseHead(nn.Module):
         return torch.where(cand, exact, est.to(exact.dtype))
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
+def is_silu(act) -> bool:
+    """Whether `act` computes SiLU (what the fused CPU FFN kernel applies): probed on a grid,
+    since each library has its own SiLU class (transformers' SiLUActivation, nn.SiLU, ...)."""
+    t = torch.linspace(-12.0, 12.0, 97)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(act(t), F.silu(t), rtol=1e-6, atol=1e-7))
+    except Exception:  # an activation that does not take a plain tensor is not SiLU
+        return False
 
 
 class PerToken:
@@ -588,7 +593,9 @@ class PerToken:
         self.cpu = None  # runtime.cpu_backend.CpuWeights: decode steps on the CPU kernels
         self.stats = _Stats()
         self.shapes = Shapes.of(model, smap, elsize)
-        self._swaps: list[tuple[str, nn.Module, nn.Module]] = []  # (path, original, ours)
+        # (parent's child dict, name, original, ours): swapping is one dict store per module,
+        # since attach/detach run around every decode step
+        self._swaps: list[tuple[dict, str, nn.Module, nn.Module]] = []
         self.attached = False
         self.parts: list[dict] = []  # per layer: "qkv" / "o" owners and the "ffn" module
         self._install(sketches or {})
@@ -602,8 +609,10 @@ class PerToken:
 
     # ------------------------------------------------------------------ install / remove
     def _swap(self, path: str, new: nn.Module):
-        self._swaps.append((path, self.model.get_submodule(path), new))
-        _set_module(self.model, path, new)
+        parent, _, name = path.rpartition(".")
+        children = (self.model.get_submodule(parent) if parent else self.model)._modules
+        self._swaps.append((children, name, children[name], new))
+        children[name] = new
         self.attached = True
 
     def _sketch(self, sketches, prefix: str, k: int):
@@ -678,12 +687,12 @@ class PerToken:
 
     @property
     def head(self) -> "_SparseHead":
-        return next(ours for _, _, ours in self._swaps if isinstance(ours, _SparseHead))
+        return next(ours for *_, ours in self._swaps if isinstance(ours, _SparseHead))
 
     def detach(self):
         """Put the original modules back (the model is exactly the dense model again)."""
-        for path, original, _ in reversed(self._swaps):
-            _set_module(self.model, path, original)
+        for children, name, original, _ in reversed(self._swaps):
+            children[name] = original
         self.attached = False
 
     remove = detach
@@ -691,8 +700,8 @@ class PerToken:
     def attach(self):
         """Swap this path's modules in again (after detach)."""
         if not self.attached:
-            for path, _, ours in self._swaps:
-                _set_module(self.model, path, ours)
+            for children, name, _, ours in self._swaps:
+                children[name] = ours
             self.attached = True
 
     # ------------------------------------------------------------------ accounting

@@ -63,3 +63,30 @@ def test_fallback_when_kernels_are_off(stories, monkeypatch):
     monkeypatch.setenv("CSCOMPILE_CPU_KERNELS", "0")
     got, _ = _decode(loaded.model, smap, plan, sk, "cpu", ids, 8)
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_silu_is_recognised_whatever_its_class():
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    from cscompile.runtime.pertoken import is_silu
+
+    assert is_silu(nn.SiLU()) and is_silu(ACT2FN["silu"]) and is_silu(torch.nn.functional.silu)
+    assert not is_silu(ACT2FN["gelu_pytorch_tanh"]) and not is_silu(nn.ReLU())
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+def test_batch1_sketch_ffn_takes_the_fused_kernel(stories, monkeypatch):
+    """A real model's FFN (transformers' own SiLU class) decodes on the one-pass kernel."""
+    from cscompile.runtime import cpu_backend
+
+    loaded, smap = stories
+    calls = []
+    real = cpu_backend.K.ffn_sparse
+    monkeypatch.setattr(cpu_backend.K, "ffn_sparse",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    sk = sketch(loaded.model, smap, bits=3, seed=0)
+    plan = uniform_plan(smap, **PLANS["sketch"])
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    _decode(loaded.model, smap, plan, sk, "cpu", ids, 8)
+    assert len(calls) == 4 * len(smap.layers)

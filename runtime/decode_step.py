@@ -1,0 +1,76 @@
+"""One decode step of a Llama-family model without the Hugging Face layer plumbing.
+
+A decode step at batch 1..16 is a few hundred small ops. transformers' generic forward adds
+kwarg-deprecation wrappers, mask builders and output records around each of them: ~30 ms a
+step for SmolLM2 on a 2-core CPU, more than the per-token path's kernels take. `decode_logits`
+runs the model's own modules (the per-token path's swapped projections, FFNs and head among
+them, so the operators have one implementation) in a plain loop: RMSNorm, RoPE from the model's
+rotary module, the cache's own `update`, SDPA. It is what the per-token path's decode steps
+run where `supports(model)` holds; anything else (other families, sliding-window layers)
+keeps `model(...)`. tests/test_decode_step.py checks it equals the HF forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Families whose decoder layer is exactly: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
+# x += mlp(n2 x), with RMSNorm and rotate-half RoPE (Qwen2's q/k/v biases live in the modules).
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def supports(model) -> bool:
+    """Whether decode_logits computes what model(...) does for this model."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in FAMILIES:
+        return False
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm",
+                                                          "rotary_emb")):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False  # sliding-window layers need their own masks
+    if getattr(cfg, "model_type") == "mistral" and getattr(cfg, "sliding_window", None):
+        return False
+    return all(hasattr(layer.self_attn, "head_dim") for layer in base.layers)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@torch.no_grad()
+def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
+                  position_ids=None) -> torch.Tensor:
+    """Logits [B, 1, vocab] of one new token per row, appending its K/V to `cache`.
+
+    attention_mask [B, past + 1] (1 = attend) hides left padding of a batch; position_ids
+    [B, 1] default to the cache length (every row unpadded)."""
+    base = model.model
+    x = base.embed_tokens(input_ids)
+    b = x.shape[0]
+    if position_ids is None:
+        position_ids = torch.full((b, 1), cache.get_seq_length(), dtype=torch.long,
+                                  device=x.device)
+    cos, sin = base.rotary_emb(x, position_ids)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1 head, 1, head_dim]
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = attention_mask.bool()[:, None, None, :]
+    for li, layer in enumerate(base.layers):
+        attn = layer.self_attn
+        d = attn.head_dim
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, 1, -1, d).transpose(1, 2)
+        k = attn.k_proj(h).view(b, 1, -1, d).transpose(1, 2)
+        v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
+        k, v = cache.update(_rope(k, cos, sin), v, li)
+        o = F.scaled_dot_product_attention(_rope(q, cos, sin), k, v, attn_mask=mask,
+                                           scale=attn.scaling,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(base.norm(x))
