@@ -21,7 +21,12 @@ EXTRAS ?= test,onnx
 LOCK ?= requirements.lock
 
 PYTEST_ARGS ?=
-DEMO_CMD ?= $(BIN)/cscompile build smollm2-135m --calib examples/calib.jsonl -o demo-bundle --force
+DEMO_BUNDLE ?= demo-bundle
+DEMO_CMD ?= $(BIN)/cscompile build smollm2-135m --calib examples/calib.jsonl -o $(DEMO_BUNDLE) --force
+# The demo's point: one short prompt answered dense and on the bundle's per-token path, with
+# decode tokens/s and weight bytes per token side by side (a few seconds on 2 cores).
+DEMO_PROMPT ?= What is the capital of France?
+DEMO_COMPARE ?= $(BIN)/cscompile run $(DEMO_BUNDLE) --compare --chat --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
 
 .PHONY: setup test demo lock clean distclean
 
@@ -70,6 +75,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(DEMO_CMD)
+	@echo; echo "the same prompt, dense and on the bundle's per-token path:"
+	$(DEMO_COMPARE)
+	@echo; echo "next, try:"
+	@echo "  $(BIN)/cscompile run $(DEMO_BUNDLE) --chat --stats --prompt 'Write a haiku about the sea.'"
+	@echo "  $(BIN)/cscompile bench $(DEMO_BUNDLE) --batch-sizes 1 --new-tokens 16 --repeats 3   # decode tok/s of every path"
+	@echo "  $(BIN)/cscompile eval $(DEMO_BUNDLE) --data TASK.jsonl --chat   # quality vs dense and baselines at equal bytes"
+	@echo "  $(BIN)/cscompile inspect $(DEMO_BUNDLE)   # verify the bundle, list its classes"
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info

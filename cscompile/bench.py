@@ -64,16 +64,15 @@ def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: 
                device: torch.device, pertoken=None) -> dict:
     """Prefill once with a fresh cache, then `new_tokens` single-token steps; per timed run.
     With `pertoken` (a runtime.pertoken.PerToken) the prefill runs dense and the steps on it."""
-    from contextlib import nullcontext
-
     from transformers import DynamicCache
 
-    def steps_on_path():
-        if pertoken is None:
-            return nullcontext()
-        from cscompile.runtime.generate import pertoken_steps
+    from cscompile.runtime.generate import pertoken_logits
 
-        return pertoken_steps(pertoken)
+    def step(tok, cache):
+        if pertoken is None:
+            return model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
+                         logits_to_keep=1).logits
+        return pertoken_logits(pertoken, model, tok, cache)  # as run and serve decode
 
     prefill_ms, tok_s, step_ms = [], [], []
     for run in range(warmup + repeats):
@@ -83,12 +82,10 @@ def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: 
         out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
-        with steps_on_path():
-            for _ in range(new_tokens):
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
-                            logits_to_keep=1)
-        out.logits[:, -1].argmax(-1)  # the last token is part of the work being timed
+        logits = out.logits
+        for _ in range(new_tokens):
+            logits = step(logits[:, -1].argmax(-1, keepdim=True), cache)
+        logits[:, -1].argmax(-1)  # the last token is part of the work being timed
         _sync(device)
         t2 = time.perf_counter()
         if run >= warmup:
@@ -119,13 +116,19 @@ def _environment(device: torch.device) -> tuple[dict, dict]:
 
 
 def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
-              repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False) -> dict:
-    """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows."""
+              repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False,
+              progress=True) -> dict:
+    """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows.
+    progress=False: nothing on stderr (else a bar where someone watches, cscompile.progress)."""
+    from cscompile.progress import bar, status
     from cscompile.runtime import load
 
     batch_sizes = [int(b) for b in batch_sizes]
+    # threads: one count, a list of them (each timed in turn), or None for torch's default
+    thread_counts = [None] if not threads else (
+        [int(threads)] if isinstance(threads, int) else [int(t) for t in threads])
     for name, v in [("prompt-len", prompt_len), ("new-tokens", new_tokens),
-                    ("repeats", repeats), ("threads", threads or 1)] + [
+                    ("repeats", repeats)] + [("threads", t or 1) for t in thread_counts] + [
                     ("batch size", b) for b in batch_sizes]:
         if v < 1:
             raise UserInputError(f"{name} must be >= 1, got {v}")
@@ -137,10 +140,11 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                 prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                 threads=threads, device=device, seed=seed)
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if thread_counts[0]:
+        torch.set_num_threads(thread_counts[0])
     try:
-        session = load(target, device=device)
+        with status(f"loading {target} ...", show=progress):
+            session = load(target, device=device)
         ctx = session.context_length
         if ctx and prompt_len + new_tokens > ctx:
             raise UserInputError(f"prompt-len + new-tokens = {prompt_len + new_tokens} exceeds "
@@ -158,11 +162,20 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             paths.append(("dense bf16", "dense-bf16", bf16, smap.total_bytes if smap else None,
                           touched_bytes(bf16)))
         pt = session.pertoken
+        if pt is not None and pt.cpu is not None:
+            # the dense plan on the same kernels and decode loop: what the backend alone gains
+            from cscompile.runtime.pertoken import PerToken, dense_plan
+
+            dense_pt = PerToken(session.model, smap, dense_plan(smap), elsize=pt.shapes.elsize,
+                                backend="cpu")
+            dense_pt.detach()
+            paths.append(("dense (cpu kernels)", ("pertoken", True, dense_pt), session.model,
+                          smap.total_bytes, dense_fp32))
         if pt is not None:  # the per-token path on its kernels, and as torch masks
             nb = pt.bytes()
             for kernels in ([True, False] if pt.cpu is not None else [False]):
                 paths.append((f"pertoken ({'cpu kernels' if kernels else 'torch masks'})",
-                              ("pertoken", kernels), session.model,
+                              ("pertoken", kernels, pt), session.model,
                               nb["bytes"] * smap.total_bytes / nb["dense_bytes"],
                               dense_fp32 * nb["fraction"]))
         skipped = []
@@ -183,42 +196,57 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
         vocab = session.model.get_input_embeddings().weight.shape[0]
         gen = torch.Generator().manual_seed(seed)
         rows = []
-        for b in batch_sizes:
-            ids = torch.randint(0, vocab, (b, prompt_len), generator=gen).to(dev)
-            dense_tok_s = None
-            for name, cid, model, nbytes, fp32 in paths:
-                on_pt = isinstance(cid, tuple)
-                cpu = pt.cpu if on_pt else None
-                if on_pt and not cid[1]:
-                    pt.cpu = None  # the same plan as torch masks
-                try:
-                    t = _time_path(model, ids, new_tokens, repeats, warmup, dev,
-                                   pertoken=pt if on_pt else None)
-                finally:
-                    if on_pt:
-                        pt.cpu = cpu
-                med = t["decode_tok_s"]["median"]
-                dense_tok_s = med if cid is None else dense_tok_s
-                static = isinstance(cid, int)
-                density = (pt.bytes()["fraction"] if on_pt else
-                           session.classes[cid].density if static else 1.0)
-                row = {"batch": b, "path": name, "class_id": cid if static else None,
-                       "density": density,
-                       "prefill_on": "compact" if static else "dense",
-                       **t,
-                       "weight_bytes": nbytes, "weight_bytes_fp32": fp32,
-                       # bytes-bound ceiling: dense bytes over this path's bytes, as run
-                       # (fp32) and as stored (the bundle's dtype, embeddings counted whole)
-                       "bytes_ratio": dense_fp32 / fp32,
-                       "bytes_ratio_storage": paths[0][3] / nbytes if nbytes else None,
-                       "speedup": med / dense_tok_s,
-                       "gbps": (fp32 / (t["step_ms"]["median"] * 1e-3) / 1e9
-                                if dev.type == "cuda" else None)}
-                rows.append(row)
-            rows.extend({"batch": b, **s} for s in skipped)
+        prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=gen).to(dev)
+                   for b in batch_sizes}
+        with bar("timing", len(thread_counts) * len(batch_sizes) * len(paths), unit="paths",
+                 show=progress) as advance:
+            for nt, b in ((nt, b) for nt in thread_counts for b in batch_sizes):
+                if nt:
+                    torch.set_num_threads(nt)
+                ids = prompts[b]
+                dense_tok_s = None
+                for name, cid, model, nbytes, fp32 in paths:
+                    advance(0, description=f"timing {nt or 'default'} threads, batch {b}, "
+                                           f"{name}")
+                    on_pt = isinstance(cid, tuple)
+                    path_pt = cid[2] if on_pt else None
+                    cpu = path_pt.cpu if on_pt else None
+                    if on_pt and not cid[1]:
+                        path_pt.cpu = None  # the same plan as torch masks
+                    try:
+                        t = _time_path(model, ids, new_tokens, repeats, warmup, dev,
+                                       pertoken=path_pt)
+                    finally:
+                        if on_pt:
+                            path_pt.cpu = cpu
+                    med = t["decode_tok_s"]["median"]
+                    dense_tok_s = med if cid is None else dense_tok_s
+                    static = isinstance(cid, int)
+                    density = (path_pt.bytes()["fraction"] if on_pt else
+                               session.classes[cid].density if static else 1.0)
+                    row = {"threads": torch.get_num_threads(), "batch": b, "path": name,
+                           "class_id": cid if static else None,
+                           "density": density,
+                           "prefill_on": "compact" if static else "dense",
+                           **t,
+                           "weight_bytes": nbytes, "weight_bytes_fp32": fp32,
+                           # bytes-bound ceiling: dense bytes over this path's bytes, as run
+                           # (fp32) and as stored (the bundle's dtype, embeddings counted whole)
+                           "bytes_ratio": dense_fp32 / fp32,
+                           "bytes_ratio_storage": paths[0][3] / nbytes if nbytes else None,
+                           "speedup": med / dense_tok_s,
+                           "gbps": (fp32 / (t["step_ms"]["median"] * 1e-3) / 1e9
+                                    if dev.type == "cuda" else None)}
+                    rows.append(row)
+                    advance()
+                rows.extend({"threads": torch.get_num_threads(), "batch": b, **s}
+                            for s in skipped)
         # on the session already loaded: a second load would double start-up and memory
-        extra = {"overhead": runtime_overhead(session, prompt_len, new_tokens, repeats,
-                                              seed=seed)} if overhead else {}
+        extra = {}
+        if overhead:
+            with status("timing routing and the refinement monitor ...", show=progress):
+                extra["overhead"] = runtime_overhead(session, prompt_len, new_tokens, repeats,
+                                                     seed=seed)
     finally:
         torch.set_num_threads(old_threads)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -294,10 +322,11 @@ def print_bench(result: dict, console) -> None:
     from rich.table import Table
 
     hw, a = result["hardware"], result["args"]
+    threads = sorted({r.get("threads", hw["torch_threads"]) for r in result["rows"]})
     table = Table(title=f"{a['target']} — prompt {a['prompt_len']}, {a['new_tokens']} new tok, "
                         f"{a['repeats']} runs, {hw['device']} ({hw['gpu'] or hw['processor']}, "
-                        f"{hw['torch_threads']} threads)")
-    cols = ["batch", "path", "density", "prefill ms", "decode tok/s (min–max)", "ms/step",
+                        f"{'/'.join(map(str, threads))} threads)")
+    cols = ["threads", "batch", "path", "density", "prefill ms", "decode tok/s (min–max)", "ms/step",
             "MB/step fp32", "ceiling ×", "achieved ×"]
     if any(r.get("gbps") for r in result["rows"]):
         cols.append("GB/s")
@@ -305,14 +334,15 @@ def print_bench(result: dict, console) -> None:
         table.add_column(col, justify="left" if col == "path" else "right")
     last = None
     for r in result["rows"]:
-        if last is not None and r["batch"] != last:
+        nt = str(r.get("threads", hw["torch_threads"]))
+        if last is not None and (nt, r["batch"]) != last:
             table.add_section()
-        last = r["batch"]
+        last = (nt, r["batch"])
         if "skipped" in r:
-            table.add_row(str(r["batch"]), r["path"], f"{r['density']:.3f}", r["skipped"])
+            table.add_row(nt, str(r["batch"]), r["path"], f"{r['density']:.3f}", r["skipped"])
             continue
         d = r["decode_tok_s"]
-        cells = [str(r["batch"]), r["path"], f"{r['density']:.3f}",
+        cells = [nt, str(r["batch"]), r["path"], f"{r['density']:.3f}",
                  f"{r['prefill_ms']['median']:.2f}",
                  f"{d['median']:.1f} [{d['min']:.1f}–{d['max']:.1f}]",
                  f"{r['step_ms']['median']:.2f}", f"{r['weight_bytes_fp32'] / 1e6:.3f}",
@@ -340,7 +370,9 @@ from cscompile.errors import friendly_errors  # noqa: E402
               help="Decode steps timed per run.")
 @click.option("--repeats", default=5, show_default=True, type=int, help="Timed runs per path.")
 @click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs first.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--threads", default=None,
+              help="torch CPU threads, or several comma-separated (e.g. 1,2: each timed in "
+                   "turn; default: torch's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, writable=True),
               help="Also write the full result as JSON to this file ('-' for stdout).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
@@ -359,7 +391,9 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
     result = run_bench(target, classes=classes,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                       warmup=warmup, threads=threads, device=device, overhead=overhead)
+                       warmup=warmup, device=device, overhead=overhead,
+                       threads=parse_int_list(threads, "--threads") if threads else None,
+                       progress=not json_out)  # --json: stderr stays quiet too
     text = json.dumps(result, indent=2)
     if json_out == "-":
         click.echo(text)

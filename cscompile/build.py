@@ -31,6 +31,7 @@ from .calib import dedupe_prompts, prompt_hash, read_prompts
 from .errors import UserInputError
 from .execute import Support, reduce_model
 from .frontend import analyze, load_model, weight_hash
+from .progress import bar as progress_bar, status as progress_status
 
 MIN_PROMPTS = 4
 HOLDOUT_FRACTION = 0.2
@@ -45,9 +46,11 @@ ALLOC_TOKENS = 256  # per prompt
 
 
 class _Phases:
-    """Rich progress on stderr (one status line per phase) and per-phase wall times."""
+    """Per-phase wall times and a ✓ line per phase on stderr; while a phase runs, a spinner or
+    a bar (cscompile.progress: only where someone watches). progress=False: all quiet."""
 
     def __init__(self, progress: bool):
+        self.show = progress
         self.console = Console(stderr=True, quiet=not progress)
         self.times: dict[str, float] = {}
         self.warnings: list[str] = []
@@ -55,23 +58,17 @@ class _Phases:
     @contextmanager
     def phase(self, name: str):
         t0 = time.perf_counter()
-        with self.console.status(f"{name} ..."):
+        with progress_status(f"{name} ...", show=self.show):
             yield
         self.times[name] = round(time.perf_counter() - t0, 4)
         self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
 
     @contextmanager
-    def counted(self, name: str, total: int):
-        """A phase over `total` items with a bar and a time-remaining estimate; yields advance()."""
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
+    def counted(self, name: str, total: int, unit: str):
+        """A phase over `total` items (done / total, time left); yields advance()."""
         t0 = time.perf_counter()
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                      console=self.console, transient=True) as bar:
-            task = bar.add_task(name, total=total)
-            yield lambda: bar.advance(task)
+        with progress_bar(name, total, unit=unit, show=self.show) as advance:
+            yield advance
         self.times[name] = round(time.perf_counter() - t0, 4)
         self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
 
@@ -130,7 +127,7 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     build_ids = [ids[i] for i in build_idx]
     held_ids = [ids[i] for i in held_idx]
     with ph.counted(f"signatures of {len(build_ids)} build + {len(held_ids)} held-out prompts",
-                    len(build_ids) + len(held_ids)) as advance:
+                    len(build_ids) + len(held_ids), "prompts") as advance:
         sig = prompt_signatures(loaded.model, smap, build_ids, on_prompt=advance)
         held_sig = prompt_signatures(loaded.model, smap, held_ids, on_prompt=advance)
     with ph.phase("clustering into classes"):
@@ -385,7 +382,7 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph):
     with ph.phase(f"sketching FFN and lm_head weights ({bits}-bit, rotated)"):
         sk = sketch(model, smap, bits=bits, group=64, seed=seed)
     with ph.counted(f"per-token operator menus on {len(prompts)} prompts",
-                    3 * smap.n_layers) as advance:
+                    3 * smap.n_layers, "parts") as advance:
         path, alloc_report = greedy_path(model, smap, prompts, sk, bits=bits, group=64,
                                          progress=advance)
     with ph.phase("allocating the byte budget"):

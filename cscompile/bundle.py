@@ -35,7 +35,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -186,11 +186,35 @@ def write_bundle(
     The same inputs always give byte-identical files. A failure to write (disk full,
     read-only, ...) raises OutputWriteError and leaves the previous state of `out_dir`.
     """
-    out_dir = Path(out_dir)
     texts = texts or {}
-    _check_output(out_dir, force)
-    _check_inputs(manifest, tensors, texts)
+    _check_inputs(tensors, texts)
 
+    def fill(tmp: Path) -> list[str]:
+        for relpath in sorted(tensors):
+            target = _prepare(tmp, relpath)
+            save_file(_contiguous_unshared(tensors[relpath]), str(target), metadata=None)
+        for relpath in sorted(texts):
+            _prepare(tmp, relpath).write_text(texts[relpath], encoding="utf-8", newline="\n")
+        (tmp / REPORT).write_text(dumps_json(report), encoding="utf-8")
+        return [*tensors, *texts, REPORT]
+
+    return write_sealed_dir(out_dir, manifest, fill, force)
+
+
+def write_sealed_dir(out_dir: str | os.PathLike, manifest: dict,
+                     fill: Callable[[Path], Iterable[str]], force: bool = False,
+                     what: str = "bundle") -> Path:
+    """The atomic, locked, sealed directory write behind write_bundle (also ONNX exports).
+
+    `fill(tmp)` writes the files into the temporary directory and returns their relative
+    paths; each is hashed into the sealed manifest.json, written last; then one rename puts
+    the directory in place (see the module docstring). load_bundle reads the result back.
+    """
+    out_dir = Path(out_dir)
+    _check_output(out_dir, force)
+    for key in ("format_version", "cscompile_version", "files", SEAL_KEY):
+        if key in manifest:
+            raise BuildError(f"manifest key {key!r} is written by write_bundle, not the caller")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -201,17 +225,11 @@ def write_bundle(
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         except OSError as e:
-            raise OutputWriteError(f"cannot write bundle {out_dir}: {_reason(e)}") from None
+            raise OutputWriteError(f"cannot write {what} {out_dir}: {_reason(e)}") from None
         try:
             files: dict[str, dict] = {}
-            for relpath in sorted(tensors):
-                target = _prepare(tmp, relpath)
-                save_file(_contiguous_unshared(tensors[relpath]), str(target), metadata=None)
-            for relpath in sorted(texts):
-                _prepare(tmp, relpath).write_text(texts[relpath], encoding="utf-8", newline="\n")
-            (tmp / REPORT).write_text(dumps_json(report), encoding="utf-8")
-            for relpath in sorted([*tensors, *texts, REPORT]):
-                target = tmp / relpath
+            for relpath in sorted(set(fill(tmp))):
+                target = tmp / _check_relpath(relpath, BuildError)
                 files[relpath] = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
             full_manifest = seal_manifest({
                 **manifest,
@@ -225,9 +243,9 @@ def write_bundle(
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and not isinstance(e, CsError):
-                raise OutputWriteError(f"cannot write bundle {out_dir}: {_reason(e)}") from e
+                raise OutputWriteError(f"cannot write {what} {out_dir}: {_reason(e)}") from e
             if isinstance(e, SafetensorError):  # safetensors reports its I/O errors this way
-                raise OutputWriteError(f"cannot write bundle {out_dir}: "
+                raise OutputWriteError(f"cannot write {what} {out_dir}: "
                                        f"{_one_line(str(e))}") from e
             raise
     return out_dir
@@ -355,10 +373,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_inputs(manifest: dict, tensors: dict, texts: dict) -> None:
-    for key in ("format_version", "cscompile_version", "files", SEAL_KEY):
-        if key in manifest:
-            raise BuildError(f"manifest key {key!r} is written by write_bundle, not the caller")
+def _check_inputs(tensors: dict, texts: dict) -> None:
     for relpath, tensor_dict in tensors.items():
         _check_relpath(relpath, BuildError)
         if not relpath.endswith(".safetensors"):

@@ -120,7 +120,7 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
     report = run_build(model, calib, out, density=density, classes=classes,
                        max_classes=max_classes, layout=layout, heads_keep=heads_keep,
                        tile=tile, seed=seed, force=force, trust_pickle=trust_pickle,
-                       progress=True, kv_groups=kv_groups,
+                       progress=not json_out, kv_groups=kv_groups,
                        skip_layers=skip_layers, budget=budget, max_kl=max_kl,
                        sketch_bits=sketch_bits, pertoken=not static_only)
     if json_out:
@@ -258,6 +258,10 @@ from cscompile.runtime.cli_run import run  # noqa: E402
 main.add_command(run)
 from cscompile.bench import bench  # noqa: E402
 main.add_command(bench)
+from cscompile.export_onnx import export  # noqa: E402
+main.add_command(export)
+from cscompile.runtime.cli_serve import serve  # noqa: E402
+main.add_command(serve)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -422,18 +422,20 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
              max_len: int = 256, refine=None, include_build_rows: bool = False,
              progress: bool = True, chat: bool = False) -> dict:
     """Evaluate TARGET (bundle dir or model) on `data`; returns the JSON-able report."""
+    from .progress import bar, status
     from .runtime import load
     from .runtime.refine import RefineConfig
 
     started = time.perf_counter()
-    if _is_bundle(target):
-        session = load(target, device="cpu")
-        model, tok, smap = session.model, session.tokenizer, session.smap
-    else:  # a plain model: the frontend gives the structure map the baselines need
-        from .frontend import analyze, load_model
+    with status(f"loading {target} ...", show=progress):
+        if _is_bundle(target):
+            session = load(target, device="cpu")
+            model, tok, smap = session.model, session.tokenizer, session.smap
+        else:  # a plain model: the frontend gives the structure map the baselines need
+            from .frontend import analyze, load_model
 
-        loaded = load_model(target)
-        session, model, tok, smap = None, loaded.model.eval(), loaded.tokenizer, analyze(loaded)
+            loaded = load_model(target)
+            session, model, tok, smap = None, loaded.model.eval(), loaded.tokenizer, analyze(loaded)
     if tok is None:
         raise UserInputError(f"{target}: no tokenizer, so text data cannot be evaluated")
     is_bundle = session is not None
@@ -475,23 +477,23 @@ def run_eval(target, data, rows: int = 8, seed: int = 0, densities=(0.5,), metho
     for d in densities:
         if not 0 < d <= 1:
             raise UserInputError(f"density must be in (0, 1], got {d}")
-        for name in names:
-            if name != "bundle":
-                method_list.append(baseline_method(model, smap, name, float(d), calib_ids, seed, total_bytes))
+    baselines = [(d, name) for d in densities for name in names if name != "bundle"]
+    with bar("calibrating baselines", len(baselines), unit="methods",
+             show=progress and bool(baselines)) as advance:
+        for d, name in baselines:
+            method_list.append(baseline_method(model, smap, name, float(d), calib_ids, seed, total_bytes))
+            advance()
     checks["full_path_equals_dense"] = _full_path_check(model, smap, sets, tok)
-
-    from rich.progress import Progress
 
     results = {}
     n_items = sum(len(s.items) for s in sets)
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("evaluating", total=n_items)
+    with bar(f"evaluating {len(method_list)} methods", n_items, show=progress) as advance:
         for ev in sets:
-            bar.update(task, description=f"{ev.name} ({ev.kind}, {len(ev.items)} rows)")
+            advance(0, description=f"{ev.name} ({ev.kind}, {len(method_list)} methods)")
             results[ev.name] = {"kind": ev.kind, "rows": len(ev.items),
                                 "skipped_build_rows": ev.skipped_build_rows,
                                 "methods": score_set(ev, method_list, model, tok, gen_tokens, max_len,
-                                                     lambda: bar.advance(task), chat)}
+                                                     advance, chat)}
     report = {
         "target": str(target), "model": smap.model_id, "is_bundle": is_bundle,
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": time.perf_counter() - started,

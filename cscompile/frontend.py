@@ -3,7 +3,7 @@
 `load_model` accepts
   * a named default (`smollm2-135m`, see cscompile.models),
   * a Hugging Face directory (config.json + safetensors),
-  * a `.gguf` file (dequantised through transformers),
+  * a `.gguf` file (dequantised through transformers once, then cached by its sha256),
   * a `model.pt` written by `torch.save`: {"config": <HF config dict>, "state_dict": ...}
     loads with `weights_only=True`; a pickled `nn.Module` or `ExportedProgram` is executable
     code and loads only with `trust_pickle=True`,
@@ -233,15 +233,15 @@ def _check_gguf_header(path: Path) -> None:
 
 
 def _load_gguf(path: Path, dtype) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantizing a GGUF takes tens of seconds to minutes, so it happens once: the bf16
+    Hugging Face directory it becomes is cached by the file's sha256 (cscompile.models)."""
+    from . import models
 
     _check_gguf_header(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:  # gguf raises many types for corrupt files
-        raise UnsupportedModelError(f"{path}: cannot read GGUF ({_one_line(e)})") from None
-    return LoadedModel(model, _model_id(path), tokenizer, torch.bfloat16)
+    loaded = _load_hf_dir(models.resolve_model(path), dtype)
+    loaded.model_id = _model_id(path)  # the file's name, not the cache directory's
+    loaded.storage_dtype = torch.bfloat16
+    return loaded
 
 
 class _PickleRefused(BaseException):

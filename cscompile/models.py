@@ -9,6 +9,7 @@ that names the exact pip command.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -97,7 +98,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
     - a known name (see NAMED_MODELS): the cached bf16 directory, converted from GGUF once;
     - a path to a directory: returned as is (the loader checks its contents);
-    - a path to a .gguf file: converted once into the cache, keyed by file name, size and mtime.
+    - a path to a .gguf file: converted once into the cache, keyed by the file's sha256 (a
+      renamed or copied file is found again; a file changed in place is converted anew).
     """
     text = os.fspath(name_or_path)
     named = NAMED_MODELS.get(text.lower())
@@ -115,9 +117,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.is_file() and path.suffix == ".gguf":
-        stat = path.stat()
-        key = f"gguf-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-        return _cached_conversion(key, path)
+        return _cached_conversion(gguf_cache_key(path), path)
     if path.exists():
         raise UserInputError(f"{text} is neither a model directory nor a .gguf file")
     if os.sep in text or text.startswith(".") or text.endswith(".gguf"):
@@ -126,6 +126,16 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         f"unknown model name {text!r}; known names: {known_names()} "
         f"(or pass a path to a Hugging Face model directory or a .gguf file)"
     )
+
+
+def gguf_cache_key(gguf_path: Path) -> str:
+    """The cache directory name of a GGUF file: its content's sha256 (hashing ~100 MB takes
+    well under a second, dequantizing it again tens of seconds)."""
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"gguf-sha256-{digest.hexdigest()}"
 
 
 def _cached_conversion(key: str, gguf_path: Path) -> Path:
@@ -212,7 +222,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     console = Console(file=sys.stderr)  # bound now: stderr is redirected while loading
     started = time.perf_counter()
     try:
-        status = "converting GGUF to a cached bf16 Hugging Face directory (once, ~20 s)"
+        status = f"converting {gguf_path.name} to a cached bf16 Hugging Face directory (once)"
         with console.status(status), _quiet_progress_bars():
             try:
                 model, tokenizer = _load_dense_from_gguf(gguf_path, dtype)

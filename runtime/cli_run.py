@@ -15,8 +15,11 @@ import sys
 
 import click
 
+from cscompile.compat import hide_third_party_warnings
 from cscompile.errors import friendly_errors
 from cscompile.errors import UserInputError
+
+STDIN_HINT = "reading prompts from stdin, one per line (end with Ctrl-D), or pass --prompt"
 
 
 def _stats_line(r) -> str:
@@ -42,6 +45,64 @@ def _stats_line(r) -> str:
             f"{len(r.refinements)} ({widened} widened) | stop: {r.finish_reason}")
 
 
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):  # stdin closed or replaced by something odd
+        return False
+
+
+PATH_LABELS = {"dense": "dense model", "pertoken": "per-token path", "static": "routed class path"}
+
+
+def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
+    """`prompt` answered on the dense path and on the bundle's default path, each streamed
+    under its name, then their decode tokens/s and weight bytes per token side by side.
+
+    Both answers come from session.generate, the one decode loop of every path. Each path
+    first decodes two untimed tokens, so one-time costs (first-call allocations, loading the
+    CPU kernels) land in neither path's speed. Returns {path: Result}."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    results = {}
+    for kind in ("dense", session.default_path):
+        options = {**gen, "path": kind, "dense": False}
+        session.generate(prompt, **{**options, "max_new_tokens": 2})
+        click.echo(f"[{PATH_LABELS[kind]}]")
+        results[kind] = session.generate(prompt, stream=lambda piece: click.echo(piece, nl=False),
+                                         **options)
+        click.echo("")
+        if stats:
+            click.echo(_stats_line(results[kind]), err=True)
+
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    dense = results["dense"]
+    dense_bytes = mean(dense.bytes_per_token)
+    threads = torch.get_num_threads()
+    table = Table(title=f"{len(dense.token_ids)} new tokens, {session.backend} backend, "
+                        f"{threads} thread{'s' if threads != 1 else ''}")
+    for col in ("path", "decode tok/s", "weight MB / token", "of dense", "tokens as dense"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for kind, r in results.items():
+        same = next((i for i, (a, b) in enumerate(zip(r.token_ids, dense.token_ids)) if a != b),
+                    min(len(r.token_ids), len(dense.token_ids)))  # common prefix
+        table.add_row(PATH_LABELS[kind], f"{r.decode_tokens_per_s:.1f}",
+                      f"{mean(r.bytes_per_token) / 1e6:.3g}",
+                      f"{mean(r.bytes_per_token) / dense_bytes:.3f}",
+                      f"{same}/{len(dense.token_ids)}")
+    console = Console(width=None if sys.stdout.isatty() else 100)
+    console.print(table)
+    other = results[session.default_path]
+    if dense.decode_tokens_per_s > 0 and dense_bytes > 0:
+        console.print(f"{PATH_LABELS[session.default_path]}: "
+                      f"{other.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}x the dense "
+                      f"decode speed, reading {mean(other.bytes_per_token) / dense_bytes:.2f} of "
+                      f"its weight bytes per token", soft_wrap=True)
+    return results
+
+
 @click.command()
 @click.argument("target")
 @click.option("--prompt", help="Prompt text; the answer streams to stdout.")
@@ -64,18 +125,31 @@ def _stats_line(r) -> str:
                    "per-token sparse, the routed static class path, or dense.")
 @click.option("--dense", is_flag=True, help="Same as --path dense.")
 @click.option("--stats", is_flag=True, help="Print class, density, speed and bytes to stderr.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "torch", "triton"]), default="auto",
+@click.option("--compare", is_flag=True,
+              help="Answer each prompt on the dense model and on the bundle's default path, "
+                   "then print decode tokens/s and weight bytes per token side by side.")
+@click.option("--verbose", is_flag=True,
+              help="Also show third-party warnings (transformers, torch), hidden by default.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "torch", "triton", "onnxruntime"]),
+              default="auto",
               show_default=True, help="auto = the CPU kernels on a CPU (per-token decode reads "
                                       "only the kept weights; torch if they cannot build), "
-                                      "triton on a CUDA GPU (FFN kernels on the class path).")
+                                      "triton on a CUDA GPU (FFN kernels on the class path); "
+                                      "onnxruntime = the bundle's ONNX export (made into the "
+                                      "cache on first use), one prompt at a time.")
+@click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
+              help="With --backend onnxruntime: run this export directory (cscompile export "
+                   "BUNDLE -o DIR) instead of the cached export; it must be from this bundle.")
 @friendly_errors
+@hide_third_party_warnings  # consumes --verbose
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
-        top_p, seed, chat, path, dense, stats, backend):
+        top_p, seed, chat, path, dense, stats, compare, backend, onnx_dir):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
     line, in input order (--batch-size N batches prompts of the same class); with neither,
-    each line of stdin is a prompt.
+    each line of stdin is a prompt. --compare answers each prompt twice, dense and on the
+    bundle's default path, and compares their speed and bytes.
     """
     from . import load
 
@@ -85,6 +159,10 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         raise UserInputError("--output needs --input (a batch of prompts)")
     if batch_size > 1 and input_path is None:
         raise UserInputError("--batch-size needs --input (a batch of prompts)")
+    if compare and (input_path is not None or path is not None or dense):
+        raise UserInputError("--compare picks the paths itself (dense and the bundle's "
+                             "default) and takes --prompt or stdin, not --input, --path or "
+                             "--dense")
     rows = None
     if input_path is not None:  # read the batch before the (slower) model load
         from cscompile.calib import read_prompts
@@ -92,7 +170,18 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         rows = read_prompts(input_path)
         if not rows:
             raise UserInputError(f"{input_path}: no prompts")
+    if prompt is None and rows is None and _stdin_is_terminal():
+        click.echo(STDIN_HINT, err=True)  # else the terminal just waits, saying nothing
+    if onnx_dir is not None and backend != "onnxruntime":
+        raise UserInputError("--onnx DIR runs an ONNX export: give --backend onnxruntime")
     session = load(target, backend=backend)
+    if onnx_dir is not None:
+        from .onnx_backend import use_export
+
+        use_export(session, onnx_dir)
+    if compare and not session.is_bundle:
+        raise UserInputError(f"--compare needs a bundle: {target} is a model, which runs "
+                             f"dense only")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                chat=chat, dense=dense, path=path)
 
@@ -119,6 +208,9 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
     prompts = [prompt] if prompt is not None else (l.rstrip("\n") for l in sys.stdin)
     for text in prompts:
         if prompt is None and not text.strip():
+            continue
+        if compare:
+            compare_paths(session, text, gen, stats)
             continue
         r = session.generate(text, stream=lambda piece: click.echo(piece, nl=False), **gen)
         click.echo("")

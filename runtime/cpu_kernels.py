@@ -28,6 +28,20 @@ Operators (x is float32 [B, K], B = 1..16 typical; all accumulate in fp32, retur
                                              wg, wu, wd_t [I, H]; one pass, 3 rows per channel
 * ``sketch_gemv(packed, scales, x, bits, group, k)``   x @ dequant(sketch).T -> [B, N] straight
                                              from runtime/pack.py's packed b-bit words (1..4 bits)
+* ``select_topk(x, k, scale=None)``          batch-1 selection: (sorted int32 indices of the k
+                                             largest |x| * scale, share of that score's energy
+                                             they miss) — TEAL / WINA inputs
+* ``rotate(x, perm, signs, block)``          the sketches' rotation of one row
+                                             (blockdiag(H_b) (signs * x[perm]), fast Walsh-Hadamard)
+* ``sketch_q8(planes, scales, x, bits, group, k)``  one row's sketch GEMV as int8 dot products:
+                                             x quantized to int8 per group, the codes in
+                                             ``sketch_planes(packed, bits, k)``'s layout (the same
+                                             bits per weight; 2..4 bits, k % 64 == 0, group % 32
+                                             == 0: ``planes_fit``); ~10x the float kernel's speed
+* ``sketch_select(sg, su, xr, k)``           the FFN sketch op's batch-1 selection: the top k
+                                             channels by |silu(ĝ) û| from two sketches
+                                             (runtime.pertoken.Sketch, as planes) on a rotated
+                                             row, and the share of that estimate's energy they miss
 * ``read_bandwidth(buf)``                    sum of buf's bytes (a streaming read, used by
                                              benchmarks/cpu_kernels.py to measure bandwidth)
 
@@ -55,14 +69,17 @@ from .pack import sketch_gemv_reference, values_per_word
 __all__ = [
     "available", "load_extension", "disabled",
     "dense_gemv", "rows_gemv", "gather_gemv", "ffn_sparse", "sketch_gemv", "read_bandwidth",
+    "select_topk", "rotate", "sketch_select", "sketch_planes", "sketch_q8", "planes_fit",
     "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference",
     "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
+    "select_topk_reference", "rotate_reference", "sketch_select_reference",
+    "quantize_x_reference", "sketch_q8_reference", "planes_codes",
 ]
 
 ENV = "CSCOMPILE_CPU_KERNELS"  # "0" forces the torch fallback
 _ENV_KEY = ENV.encode()
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]
 FLAGS_PORTABLE = ["-O3", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]  # if -march=native fails
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -125,7 +142,8 @@ def build_root() -> Path:
     return cache_root() / "torch_extensions"
 
 
-_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_abi_version", "csc_has_avx2")
+_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_select", "csc_rotate",
+          "csc_sketch_select", "csc_sketch_q8", "csc_abi_version", "csc_has_avx2")
 
 
 def _bind(mod):
@@ -308,6 +326,46 @@ def ffn_sparse_reference(wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
     x = x.float()
     h = F.silu(x @ wg.float().T) * (x @ wu.float().T)
     return h @ wd_t.float()
+
+
+def select_topk_reference(x: torch.Tensor, k: int, scale=None) -> tuple[torch.Tensor, float]:
+    """(sorted int32 indices of the k largest |x| * scale, share of sum(score^2) off them)."""
+    score = x.reshape(-1).float().abs()
+    if scale is not None:
+        score = score * scale
+    vals, idx = score.topk(k)
+    total = float(score.double().pow(2).sum())
+    missed = 1.0 - float(vals.double().pow(2).sum()) / max(total, 1e-30)
+    return idx.sort().values.to(torch.int32), max(0.0, missed)
+
+
+def rotate_reference(x: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, block: int):
+    from .pertoken import hadamard
+
+    y = x.reshape(-1).float()[perm.long()] * signs.float()
+    return (y.view(-1, block) @ hadamard(block)).reshape(-1)
+
+
+def quantize_x_reference(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., K] as sketch_q8 sees it: int8 per group of the last dimension (scale
+    max|x| / 127, round half to even), dequantized to float32."""
+    x = x.float()
+    k = x.shape[-1]
+    g = -(-k // group)
+    xp = F.pad(x, (0, g * group - k)).reshape(*x.shape[:-1], g, group)
+    s = xp.abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(xp * (1 / s)).clamp(-127, 127) * s
+    return q.reshape(*x.shape[:-1], g * group)[..., :k]
+
+
+def sketch_select_reference(sg, su, xr: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """(top k channels by |silu(ĝ) û|, missed share); sg, su runtime.pertoken.Sketch, applied
+    to xr quantized as sketch_q8 does."""
+    x = quantize_x_reference(xr, su.group).view(1, -1)
+    g = sketch_gemv_reference(sg.packed, sg.scales, x, sg.bits, sg.group, x.shape[1])
+    u = sketch_gemv_reference(su.packed, su.scales, x, su.bits, su.group, x.shape[1])
+    return select_topk_reference(F.silu(g) * u, k)
 
 
 def read_bandwidth_reference(buf: torch.Tensor) -> int:
@@ -493,6 +551,151 @@ def sketch_gemv(packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bit
     lib.csc_sketch(bits, packed.data_ptr(), words, scales.data_ptr(), groups, x.data_ptr(),
                    x.shape[0], n, k, group, y.data_ptr(), _threads())
     return y
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1)
+    if x.dtype is not _F32 or not x.is_contiguous() or not x.is_cpu:
+        x = x.float().contiguous().cpu()
+    return x
+
+
+def select_topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None):
+    """One row x (any shape, numel n): (sorted int32 indices [k] of the k largest |x| * scale,
+    share of sum(score^2) they miss), k <= n; scale float32 [n] or None."""
+    lib = _lib()
+    x = _row(x)
+    n, k = x.numel(), int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if scale is not None and (scale.dtype is not _F32 or scale.numel() != n
+                              or not scale.is_contiguous()):
+        raise ValueError(f"scale must be contiguous float32 [{n}]")
+    if lib is None:
+        return select_topk_reference(x, k, scale)
+    idx = torch.empty(k, dtype=_I32)
+    missed = lib.csc_select(x.data_ptr(), n, _ptr(scale), k, idx.data_ptr())
+    return idx, missed
+
+
+def rotate(x: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """blockdiag(H_b / sqrt(b)) (signs * x[perm]) of one row -> float32 [n]; perm int32 [n]
+    (a permutation), signs float32 [n], block a power of two dividing n."""
+    lib = _lib()
+    x = _row(x)
+    n = x.numel()
+    if perm.dtype is not _I32 or signs.dtype is not _F32 or perm.numel() != n or \
+            signs.numel() != n or not (perm.is_contiguous() and signs.is_contiguous()):
+        raise ValueError(f"perm must be int32 [{n}] and signs float32 [{n}], contiguous")
+    if lib is None:
+        return rotate_reference(x, perm, signs, block)
+    y = torch.empty(n)
+    rc = lib.csc_rotate(x.data_ptr(), n, perm.data_ptr(), signs.data_ptr(), int(block), y.data_ptr())
+    if rc:
+        raise ValueError(f"rotation block {block} must be a power of two dividing {n}" if rc < 0
+                         else f"perm[{rc - 1}] is out of range")
+    return y
+
+
+def planes_fit(bits: int, group: int, k: int) -> bool:
+    """Whether sketch_q8 runs this sketch shape (else the float kernel, sketch_gemv)."""
+    return 2 <= bits <= 4 and k % 64 == 0 and group % 32 == 0
+
+
+def sketch_planes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 [N, k / 64 * 8 * bits]: pack.py's words re-laid for sketch_q8 (see the kernel's
+    comment), the same bits per weight."""
+    from .pack import unpack_codes
+
+    if not planes_fit(bits, 32, k):
+        raise ValueError(f"planes need 2..4 bits and k % 64 == 0, got {bits} bits, k {k}")
+    c = unpack_codes(packed, bits, k).to(torch.int32)
+    n, s = c.shape[0], k // 64
+    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(2, 2, 1)  # 2(2j + h)
+
+    def low_plane(two_bits):  # [n, s, 2 j, 2 h, 16 i] -> bytes [n, s, 16]
+        return (two_bits.view(n, s, 2, 2, 16) << shifts).sum((2, 3))
+
+    parts = [low_plane(c & 3)]
+    if bits == 3:  # bit 2 of input 32j + 8q + r at bit 4j + q of byte r
+        b2 = ((c >> 2) & 1).view(n, s, 2, 4, 8)
+        parts.append((b2 << torch.arange(8, dtype=torch.int32).view(2, 4, 1)).sum((2, 3)))
+    elif bits == 4:
+        parts.append(low_plane((c >> 2) & 3))
+    return torch.cat(parts, -1).to(torch.uint8).reshape(n, -1).contiguous()
+
+
+def planes_codes(planes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """codes uint8 [N, k] back from sketch_planes' layout (its inverse)."""
+    n, s = planes.shape[0], k // 64
+    p = planes.view(n, s, 8 * bits).to(torch.int32)
+    shifts = (2 * torch.arange(4, dtype=torch.int32)).view(2, 2, 1)
+
+    def low(plane):  # bytes [n, s, 16] -> two-bit values [n, s, 64]
+        return ((plane.view(n, s, 1, 1, 16) >> shifts) & 3).reshape(n, s, 64)
+
+    c = low(p[..., :16])
+    if bits == 3:
+        bit2 = (p[..., 16:24].view(n, s, 1, 1, 8) >>
+                torch.arange(8, dtype=torch.int32).view(2, 4, 1)) & 1
+        c = c | (bit2.reshape(n, s, 64) << 2)
+    elif bits == 4:
+        c = c | (low(p[..., 16:32]) << 2)
+    return c.reshape(n, k).to(torch.uint8)
+
+
+def sketch_q8_reference(planes, scales, x, bits: int, group: int, k: int) -> torch.Tensor:
+    """sketch_q8 in torch: the planes' codes dequantized, times x rounded as the kernel does."""
+    from .pack import dequantize_codes
+
+    w = dequantize_codes(planes_codes(planes, bits, k), scales, bits, group)
+    return w @ quantize_x_reference(x.reshape(-1), group)
+
+
+def sketch_q8(planes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int, group: int,
+              k: int) -> torch.Tensor:
+    """One row x [k] @ dequant(sketch).T -> float32 [N], x quantized to int8 per group; planes
+    from sketch_planes. Reference: sketch_gemv_reference on quantize_x_reference(x)."""
+    x = _row(x)
+    n = planes.shape[0]
+    groups = -(-k // group)
+    if not planes_fit(bits, group, k) or x.numel() != k or planes.dtype != torch.uint8 or \
+            tuple(planes.shape) != (n, k // 64 * 8 * bits) or scales.dtype != torch.float16 or \
+            tuple(scales.shape) != (n, groups):
+        raise ValueError(f"sketch_q8: planes uint8 [N, {k // 64 * 8 * bits}], scales fp16 "
+                         f"[N, {groups}], x [{k}] needed (2..4 bits, k % 64, group % 32)")
+    lib = _lib()
+    if lib is None:
+        return sketch_q8_reference(planes, scales, x, bits, group, k)
+    y = torch.empty(n)
+    lib.csc_sketch_q8(bits, planes.data_ptr(), n, k, scales.data_ptr(), groups, group,
+                      x.data_ptr(), y.data_ptr(), _threads())
+    return y
+
+
+def sketch_select(sg, su, xr: torch.Tensor, k: int):
+    """The FFN sketch op at batch 1: (sorted int32 indices of the k channels with the largest
+    |silu(ĝ) û|, ĝ / û the gate / up sketches (runtime.pertoken.Sketch: packed codes, fp16
+    scales, same bits and group) applied to the already rotated row xr, share of sum(est^2)
+    they miss)."""
+    lib = _lib()
+    xr = _row(xr)
+    n_out, words = su.packed.shape
+    kin = xr.numel()
+    if sg.packed.shape != su.packed.shape or sg.scales.shape != su.scales.shape or \
+            (sg.bits, sg.group) != (su.bits, su.group):
+        raise ValueError("gate and up sketches must share shapes, bits and group")
+    if words != -(-kin // values_per_word(su.bits)) or not 0 <= int(k) <= n_out:
+        raise ValueError(f"sketch of {words} words per row / k {k} do not fit {kin} inputs, "
+                         f"{n_out} channels")
+    if lib is None or not planes_fit(su.bits, su.group, kin):
+        return sketch_select_reference(sg, su, xr, k)
+    idx, est = torch.empty(int(k), dtype=_I32), torch.empty(n_out)
+    missed = lib.csc_sketch_select(su.bits, sg.planes.data_ptr(), sg.scales.data_ptr(),
+                                   su.planes.data_ptr(), su.scales.data_ptr(),
+                                   su.scales.shape[1], xr.data_ptr(), n_out, kin, su.group, int(k),
+                                   idx.data_ptr(), est.data_ptr(), _threads())
+    return idx, missed
 
 
 def read_bandwidth(buf: torch.Tensor) -> int:

@@ -439,19 +439,25 @@ def pertoken_steps(pt):
         pt.detach()
 
 
+def pertoken_logits(pt, model, ids, cache, mask=None, positions=None, keep_last=None,
+                    lean: bool | None = None) -> torch.Tensor:
+    """Logits [B, 1, V] of one decode step of `model` on the per-token path `pt`: Llama-family
+    models (lean=None: runtime.decode_step.supports) run decode_step's plain loop over the
+    same modules, others the HF forward. What run, eval's decode, bench and serve all time."""
+    if lean is None:
+        lean = decode_step_supports(model)
+    with pertoken_steps(pt):
+        if lean:
+            return decode_logits(model, ids, cache, mask, positions)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                     **cache_kwargs(model, cache), use_cache=True, **(keep_last or {})).logits
+
+
 def _pertoken_step(path: _Path, model, ids, cache, mask=None, positions=None,
                    keep_last=None):
-    """One decode forward on the per-token path: (logits [B, 1, V], per-row missed dicts).
-    Llama-family models run runtime.decode_step's plain loop over the same modules, others
-    the HF forward."""
+    """One decode forward on the per-token path: (logits [B, 1, V], per-row missed dicts)."""
     pt = path.pertoken
-    with pertoken_steps(pt):
-        if path.lean_step:
-            logits = decode_logits(model, ids, cache, mask, positions)
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           **cache_kwargs(model, cache), use_cache=True,
-                           **(keep_last or {})).logits
+    logits = pertoken_logits(pt, model, ids, cache, mask, positions, keep_last, path.lean_step)
     worst = pt.missed()
     n = logits.shape[0]
     rows = [{k: float(v.view(n, -1)[i, -1]) for k, v in worst.items()} for i in range(n)]

@@ -46,6 +46,8 @@ from torch import nn
 from cscompile.errors import BundleError, UserInputError
 from cscompile.structure import StructureMap
 
+from .cpu_kernels import (planes_fit, quantize_x_reference, rotate, select_topk, sketch_gemv,
+                          sketch_planes, sketch_q8, sketch_select)
 from .pack import dequantize_codes, packed_bytes, unpack_codes
 
 INPUT_OPS = ("dense", "teal", "wina")
@@ -258,6 +260,7 @@ class Rotation:
 
     def __init__(self, signs: torch.Tensor, perm: torch.Tensor, block: int):
         self.signs, self.perm, self.block = signs.float(), perm.long(), int(block)
+        self.perm32 = self.perm.to(torch.int32)  # what the CPU kernel reads
         if self.block < 1 or len(perm) % self.block or self.block & (self.block - 1):
             raise BundleError(f"rotation block {block} does not tile hidden size {len(perm)}")
         self.h = hadamard(self.block)
@@ -298,16 +301,6 @@ def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
 
 
-def top_indices(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's k largest entries as sorted int32 indices (what the CPU kernels read, in
-    memory order) and the share of sum(score^2) they miss: the batch-1 decode fast path of
-    topk_mask + missed_share, without building masks."""
-    s = score.reshape(-1).float()
-    vals, idx = s.topk(min(k, s.numel()))
-    total = s.pow(2).sum().clamp_min(1e-30)
-    return idx.sort().values.to(torch.int32), (1 - vals.pow(2).sum() / total).clamp_min(0)
-
-
 def missed_share(score: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per position: share of sum(score^2) off the kept set (0 when nothing is missed)."""
     e = score.float().pow(2)
@@ -319,22 +312,35 @@ class Sketch:
     """A b-bit rotated sketch of W [N, K]: est(x) ~= W x from rot(x) and dequantized codes."""
 
     def __init__(self, packed, scales, bits, group, k, rotation: Rotation):
-        self.packed, self.scales, self.bits, self.group = packed, scales, bits, group
+        self.packed, self.scales, self.bits, self.group, self.k = packed, scales, bits, group, k
         self.rotation = rotation
         self.weight = dequantize_codes(unpack_codes(packed, bits, k), scales, bits, group)
+        self._planes = None
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """The codes in the int8 CPU kernel's layout (cpu_kernels.sketch_planes), made once."""
+        if self._planes is None:
+            self._planes = sketch_planes(self.packed, self.bits, self.k)
+        return self._planes
 
     def __call__(self, x: torch.Tensor, packed_kernel: bool = False) -> torch.Tensor:
-        """The estimate of W x; packed_kernel: read the packed words (runtime.cpu_kernels),
-        which is what the byte accounting charges, instead of the dequantized copy."""
+        """The estimate of W x from rot(x) rounded to int8 per group (what the CPU kernel
+        multiplies; the rounding moves the estimate far less than the b-bit codes do).
+        packed_kernel: read the packed codes (runtime.cpu_kernels), which is what the byte
+        accounting charges, instead of the dequantized copy."""
+        rot = self.rotation
         if packed_kernel:
-            from .cpu_kernels import sketch_gemv
-
-            xr = self.rotation(x.float()).reshape(-1, x.shape[-1])
+            if x.numel() == x.shape[-1] and planes_fit(self.bits, self.group, self.k):
+                xr = rotate(x, rot.perm32, rot.signs, rot.block)  # one row: int8 kernel
+                return sketch_q8(self.planes, self.scales, xr, self.bits, self.group,
+                                 self.k).view(*x.shape[:-1], -1)
+            xr = quantize_x_reference(rot(x.float()), self.group).reshape(-1, x.shape[-1])
             y = sketch_gemv(self.packed, self.scales, xr, self.bits, self.group, x.shape[-1])
             return y.view(*x.shape[:-1], -1)
         if self.weight.device != x.device:
             self.weight = self.weight.to(x.device)
-        return self.rotation(x.float()) @ self.weight.T
+        return quantize_x_reference(rot(x.float()), self.group) @ self.weight.T
 
 
 # ----------------------------------------------------------------------------- modules
@@ -344,7 +350,9 @@ class _Stats:
     def __init__(self):
         self.missed: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, part: str, missed: torch.Tensor):
+    def add(self, part: str, missed: torch.Tensor | float):
+        if isinstance(missed, float):  # a batch-1 CPU kernel's figure
+            missed = torch.tensor([missed])
         self.missed.setdefault(part, []).append(missed.detach().reshape(-1).float())
 
     def clear(self):
@@ -394,12 +402,9 @@ class _InputSparse(nn.Module):
                 owner.last = (x, outs)
                 return outs[self.slot]
             return cpu.o(owner.li, x.reshape(b, -1), idx=_ALL).view(b, 1, -1)
-        score = x.abs()
-        if cfg["op"] == "wina":
-            score = score * owner.col_norms.to(x)
         k = count(cfg.get("keep", 1.0), x.shape[-1])
         if on_kernels and x.shape[0] == 1:
-            idx, missed = top_indices(score, k)
+            idx, missed = select_topk(x, k, owner.col_norms if cfg["op"] == "wina" else None)
             if self.record:
                 owner.rt.stats.add(self.part, missed)
             flat = x.reshape(1, -1)
@@ -408,6 +413,9 @@ class _InputSparse(nn.Module):
                 owner.last = (x, outs)
                 return outs[self.slot]
             return cpu.o(owner.li, flat, idx=idx).view(1, 1, -1)
+        score = x.abs()
+        if cfg["op"] == "wina":
+            score = score * owner.col_norms.to(x)
         keep = topk_mask(score, k)
         if self.record:
             owner.rt.stats.add(self.part, missed_share(score, keep))
@@ -440,6 +448,11 @@ class _SparseFFN(nn.Module):
         self.rt, self.li, self.cfg = rt, li, cfg
         self.sketches = sketches  # (gate sketch | None, up sketch) or None
         self.silu = is_silu(act)  # the fused CPU kernel applies SiLU itself
+        # gate and up sketches under one rotation (what passes.sketch writes): the batch-1
+        # kernel rotates once for both
+        self.shared_rotation = sketches is not None and sketches[0] is not None and all(
+            torch.equal(getattr(sketches[0].rotation, a), getattr(sketches[1].rotation, a))
+            for a in ("perm", "signs")) and sketches[0].rotation.block == sketches[1].rotation.block
         ws = [m.weight for m in (gate, up) if m is not None]
         self.in_norms = torch.cat([w.detach().float() for w in ws], 0).norm(dim=0)
         self.down_norms = down.weight.detach().float().norm(dim=0)
@@ -487,13 +500,16 @@ class _SparseFFN(nn.Module):
         elif op == "sketch":
             sg, su = self.sketches
             packed = cpu is not None
-            ue = su(x, packed)
-            est = self.act(sg(x, packed)) * ue if sg is not None else self.act(ue)
             n_cand = min(width, int(round(cfg.get("cand", 1.0) * k)))
-            if cpu is not None and x.shape[0] == 1 and n_cand == k and self.silu:
-                idx, missed = top_indices(est.abs(), k)
+            if cpu is not None and x.shape[0] == 1 and n_cand == k and self.silu and \
+                    self.shared_rotation:  # rotation, both sketches, top-k: 3 kernel calls
+                rot = su.rotation
+                idx, missed = sketch_select(sg, su, rotate(x, rot.perm32, rot.signs, rot.block),
+                                            k)
                 self.rt.stats.add("ffn", missed)
                 return cpu.ffn_fused(self.li, x.reshape(1, -1), idx).view(1, 1, -1).to(x.dtype)
+            ue = su(x, packed)
+            est = self.act(sg(x, packed)) * ue if sg is not None else self.act(ue)
             cand = topk_mask(est.abs(), n_cand)
             if cpu is not None:
                 b = x.shape[0]

@@ -13,6 +13,8 @@ dense weights (execution="masked", also what refinement uses), on CPU or GPU. `t
 same compact copy with its FFNs running the lowering's `ffn_decode` kernel at decode steps
 (runtime.triton_backend); masked execution and refinement stay torch. `auto` picks triton on a
 CUDA GPU and torch elsewhere; an explicit `triton` on CPU needs TRITON_INTERPRET=1.
+`onnxruntime` runs a bundle's paths as their ONNX export (runtime.onnx_backend, exported into
+the cache on first use); the torch model stays loaded on the CPU for that export and routing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cscompile.errors import BundleError, UserInputError
 from cscompile.execute import Support
 from cscompile.structure import StructureMap
 
-BACKENDS = ("auto", "torch", "cpu", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton", "onnxruntime")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Session:
     # the bundle's per-token path (runtime.pertoken.PerToken, installed on `model`, mode
     # "dense" outside its decode steps); None for a plain model or a bundle without a plan
     pertoken: object | None = None
+    onnx: object | None = None  # runtime.onnx_backend.OnnxPaths (backend onnxruntime)
     _compact: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -95,7 +98,10 @@ class Session:
                  dense: bool = False, refine=None, stream=None, path: str | None = None):
         """Generate a continuation of `prompt`; see runtime.generate.generate. `path`:
         "pertoken" (the default for a bundle that has a plan), "static" or "dense"."""
-        from .generate import generate
+        if self.backend == "onnxruntime":
+            from .onnx_backend import generate
+        else:
+            from .generate import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
@@ -107,7 +113,10 @@ class Session:
                        path: str | None = None):
         """Generate for several prompts, rows of the same class decoded together in chunks of
         `batch_size`; results in input order. See runtime.generate.generate_batch."""
-        from .generate import generate_batch
+        if self.backend == "onnxruntime":
+            from .onnx_backend import generate_batch
+        else:
+            from .generate import generate_batch
 
         return generate_batch(self, prompts, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, temperature=temperature,
@@ -121,6 +130,8 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
         raise UserInputError(f"execution must be compact or masked, got {execution!r}")
     if backend not in BACKENDS:
         raise UserInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":  # torch only exports and routes: the CPU is enough
+        device = "cpu"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = _pick_backend(backend, device)
     p = Path(str(path)).expanduser()
@@ -132,6 +143,9 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
                                  f"{', '.join(sorted(NAMED_MODELS))})")
     looks_like_bundle = (p / "manifest.json").exists() or (
         p.is_dir() and not (p / "config.json").exists())
+    if backend == "onnxruntime" and not looks_like_bundle:
+        raise UserInputError(f"backend onnxruntime runs a bundle's exported paths; {path} is a "
+                             f"model: build a bundle first (cscompile build)")
     session = _load_bundle(p, backend) if looks_like_bundle else _load_plain_model(path)
     session.model.to(device).eval()
     session.device = device
@@ -145,6 +159,13 @@ def _pick_backend(backend: str, device: torch.device) -> str:
     with a one-line notice); an explicit triton or cpu must be runnable."""
     from .triton_backend import triton_available
 
+    if backend == "onnxruntime":
+        from .onnx_backend import available
+
+        usable, reason = available()
+        if not usable:
+            raise UserInputError(f"backend onnxruntime: {reason}")
+        return backend
     if backend in ("auto", "cpu") and device.type == "cpu":
         from .cpu_kernels import available, disabled
 

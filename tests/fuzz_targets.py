@@ -903,9 +903,26 @@ gguf_inputs = st.one_of(
 )
 
 
+@contextlib.contextmanager
+def _private_model_cache():
+    """GGUF loads convert into the model cache: keep the fuzzed files out of the user's."""
+    from cscompile.models import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(_base_dir() / "model-cache")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
+
+
 class GgufTarget(Target):
     def _warm(self):
-        _load_bytes(tiny_gguf(), "model.gguf")
+        with _private_model_cache():
+            _load_bytes(tiny_gguf(), "model.gguf")
 
     def run(self, example, case: Path):
         import struct
@@ -929,7 +946,8 @@ class GgufTarget(Target):
         path.write_bytes(data)
         del struct
         ready()
-        load_model(path)
+        with _private_model_cache():
+            load_model(path)
 
 
 def _torch_save_bytes(obj) -> bytes:

@@ -28,13 +28,15 @@ def test_rows_for_dense_and_each_class(bundle):
     rows = result["rows"]
     from cscompile.runtime import cpu_kernels
 
-    pertoken = (["pertoken (cpu kernels)"] if cpu_kernels.available() else []) + [
-        "pertoken (torch masks)"]
+    pertoken = (["dense (cpu kernels)", "pertoken (cpu kernels)"]
+                if cpu_kernels.available() else []) + ["pertoken (torch masks)"]
     assert [(r["batch"], r["path"]) for r in rows] == [
         (b, p) for b in (1, 2) for p in ["dense", "dense bf16", *pertoken, "class 0", "class 1"]]
     for r in rows:
         if r["path"].startswith("pertoken"):  # the bundle's per-token path, at its budget
             assert r["bytes_ratio"] > 1 and r["density"] < 1 and r["class_id"] is None
+        if r["path"] == "dense (cpu kernels)":  # the dense plan: every weight byte
+            assert r["density"] == 1 and r["bytes_ratio"] == 1
     for r in rows:
         for key in ("prefill_ms", "decode_tok_s", "step_ms"):
             s = r[key]
@@ -48,6 +50,7 @@ def test_rows_for_dense_and_each_class(bundle):
     v = result["versions"]
     assert v["torch"] and v["transformers"] and v["cscompile"] and "triton" in v
     assert result["hardware"]["torch_threads"] == 1 and result["date"].endswith("+00:00")
+    assert {r["threads"] for r in rows} == {1}
     assert result["args"]["prompt_len"] == 16
 
 
@@ -58,8 +61,8 @@ def test_class_without_compact_model_is_skipped(bundle, monkeypatch):
     monkeypatch.setattr(Session, "compact_model",
                         lambda self, c: None if c == 1 else real(self, c))
     rows = run_bench(bundle, classes="1", **{**TINY, "batch_sizes": (1,), "repeats": 1})["rows"]
-    assert [r["path"] for r in rows if r["path"].startswith(("dense", "class"))] == [
-        "dense", "dense bf16", "class 1"]
+    assert [r["path"] for r in rows if r["path"] in ("dense", "dense bf16")
+            or r["path"].startswith("class")] == ["dense", "dense bf16", "class 1"]
     assert "no compact model" in rows[-1]["skipped"]
 
 
@@ -86,6 +89,16 @@ def test_bad_input_is_one_line_exit_2(bundle, args, msg):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_progress_forced_on_shows_paths_timed(bundle, monkeypatch, capsys):
+    from cscompile.progress import FORCE_ENV
+
+    monkeypatch.setenv(FORCE_ENV, "1")
+    rows = run_bench(bundle, classes="0", **{**TINY, "batch_sizes": (1,), "repeats": 1,
+                                             "warmup": 0, "new_tokens": 2})["rows"]
+    err = capsys.readouterr().err
+    assert f"{len(rows)}/{len(rows)} paths" in err and " left " in err
+
+
 def test_missing_path_exit_2(tmp_path):
     r = CliRunner().invoke(bench, [str(tmp_path / "nope")])
     assert r.exit_code == 2 and r.stderr.startswith("error: ")
@@ -105,3 +118,13 @@ def test_runtime_overhead_shares(bundle):
     assert o["route_ms"] > 0 and 0 < o["route_share"] < 1
     assert o["monitor_share"] < 1  # a share of the monitored step (may be ~0 or noisy-negative)
     assert len({r["class_id"] for r in o["runs"].values()}) == 1  # one prompt, one route
+
+
+def test_thread_counts_are_timed_in_turn(bundle):
+    result = run_bench(bundle, classes="0", **{**TINY, "batch_sizes": (1,), "repeats": 1,
+                                              "threads": [1, 2]})
+    by_threads = {}
+    for r in result["rows"]:
+        by_threads.setdefault(r["threads"], []).append(r["path"])
+    assert set(by_threads) == {1, 2} and by_threads[1] == by_threads[2]
+    assert all(r["speedup"] == 1.0 for r in result["rows"] if r["path"] == "dense")

@@ -29,11 +29,37 @@ def calib(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(stories_dir, calib, tmp_path_factory):
+def build_run(stories_dir, calib, tmp_path_factory):
+    """(bundle, report, stderr) of one build with progress forced on, drawn as a user at a
+    terminal would see it."""
+    import contextlib
+    import io
+
+    from cscompile.progress import FORCE_ENV
+
     out = tmp_path_factory.mktemp("b") / "bundle"
-    report = run_build(str(stories_dir), calib, out, density=0.5, layout="compact", seed=3,
-                       progress=False)
-    return out, report
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setenv(FORCE_ENV, "1")
+        report = run_build(str(stories_dir), calib, out, density=0.5, layout="compact", seed=3)
+    return out, report, stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def built(build_run):
+    return build_run[:2]
+
+
+def test_build_shows_progress(build_run):
+    """Bars with done / total, elapsed and time left for the long phases; a line per phase."""
+    out, _, err = build_run
+    man = load_bundle(out).manifest
+    cal = man["calibration"]
+    prompts = cal["n_build"] + cal["n_held_out"]
+    assert f"{prompts}/{prompts} prompts" in err and " left " in err
+    parts = 3 * len(man["structure"]["layers"])  # q/k/v, o and FFN inputs of every layer
+    assert f"{parts}/{parts} parts" in err
+    assert f"✓ signatures of {cal['n_build']} build + {cal['n_held_out']} held-out prompts" in err
 
 
 def test_bundle_verifies_and_describes_classes(built, stories_dir):

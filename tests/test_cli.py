@@ -33,6 +33,19 @@ def test_build_report_and_inspect(built):
     assert "hashes verified" in r.stdout and "task classes" in r.stdout
 
 
+def test_run_compare_prints_no_warning_line(built):
+    """What a user sees from `run`: the two answers and the table on stdout, and not one
+    third-party warning line on stderr (the dense and per-token paths both decode)."""
+    import re
+
+    tmp, out, _ = built
+    r = _cli("run", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "4",
+             "--compare", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    assert "[dense model]" in r.stdout and "[per-token path]" in r.stdout
+    assert [line for line in r.stderr.splitlines() if re.search("warn", line, re.I)] == []
+
+
 def test_existing_output_refused(built, stories_dir):
     tmp, out, _ = built
     r = _cli("build", str(stories_dir), "--calib", "x.jsonl", "-o", str(out), cwd=tmp)

@@ -206,6 +206,91 @@ def test_sketch(bits, shape, nt):
         assert rel_err(gy, pack.sketch_gemv_reference(packed, scales, x, bits, group, k)) < TOL
 
 
+# --------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("n,k", [(576, 403), (1536, 614), (7, 7), (5, 0), (49152, 2048)])
+def test_select_topk(n, k):
+    g = gen(9)
+    x = torch.randn(n, generator=g)
+    scale = torch.rand(n, generator=g) + 0.5
+    for s in (None, scale):
+        idx, missed = C.select_topk(x, k, s)
+        ref_idx, ref_missed = C.select_topk_reference(x, k, s)
+        assert idx.dtype == torch.int32 and torch.equal(idx, ref_idx)
+        assert abs(missed - ref_missed) < 1e-9 and 0.0 <= missed <= 1.0
+        score = x.abs() * (1 if s is None else s)
+        if 0 < k < n:  # every kept score >= every dropped one
+            off = torch.ones(n, dtype=torch.bool)
+            off[idx.long()] = False
+            assert score[idx.long()].min() >= score[off].max()
+
+
+@pytest.mark.parametrize("n,block", [(576, 64), (64, 64), (96, 32), (12, 4), (5, 1)])
+def test_rotate_equals_the_rotation(n, block):
+    from cscompile.runtime.pertoken import Rotation
+
+    g = gen(10)
+    signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    rot = Rotation(signs, torch.randperm(n, generator=g).to(torch.int32), block)
+    x = torch.randn(n, generator=g)
+    got = C.rotate(x, rot.perm32, rot.signs, rot.block)
+    assert torch.allclose(got, rot(x), atol=1e-5)
+    assert torch.allclose(C.rotate_reference(x, rot.perm32, rot.signs, block), rot(x), atol=1e-6)
+    assert torch.allclose(got.norm(), x.norm(), rtol=1e-5)  # orthogonal
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sketch_select(bits):
+    from cscompile.runtime.pertoken import Rotation, Sketch
+
+    g = gen(11)
+    width, hidden, group = 1536, 576, 64
+    rot = Rotation.random(hidden, g)
+    sk = []
+    for _ in range(2):
+        codes, scales = pack.quantize_codes(rot(torch.randn(width, hidden, generator=g)), bits,
+                                            group)
+        sk.append(Sketch(pack.pack_codes(codes, bits), scales, bits, group, hidden, rot))
+    xr = rot(torch.randn(hidden, generator=g))
+    for k in (614, width, 1):
+        idx, missed = C.sketch_select(sk[0], sk[1], xr, k)
+        ref_idx, ref_missed = C.sketch_select_reference(sk[0], sk[1], xr, k)
+        # the same channels up to float ties at the boundary (a different summation order)
+        assert len(set(idx.tolist()) ^ set(ref_idx.tolist())) <= 2
+        assert abs(missed - ref_missed) < 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,nt", with_threads([(1536, 576, 64), (37, 128, 32), (9, 192, 128),
+                                                   (5, 64, 64)], [(1536, 576, 64)]))
+def test_sketch_q8(bits, shape, nt):
+    """The int8-activation sketch GEMV: planes round-trip the codes; the kernel equals its
+    reference (x rounded to int8 per group) and stays within ~1% of the float sketch."""
+    g = gen(12)
+    n, k, group = shape
+    codes, scales = pack.quantize_codes(torch.randn(n, k, generator=g), bits, group)
+    packed = pack.pack_codes(codes, bits)
+    planes = C.sketch_planes(packed, bits, k)
+    assert planes.dtype == torch.uint8 and planes.numel() == n * k * bits // 8  # same bits
+    assert torch.equal(C.planes_codes(planes, bits, k), codes)
+    x = torch.randn(k, generator=g)
+    with threads(nt):
+        got = C.sketch_q8(planes, scales, x, bits, group, k)
+    assert rel_err(got, C.sketch_q8_reference(planes, scales, x, bits, group, k)) < TOL
+    exact = pack.sketch_gemv_reference(packed, scales, x.view(1, -1), bits, group, k)[0]
+    assert rel_err(got, exact) < 0.02
+
+
+def test_selection_arguments_checked():
+    with pytest.raises(ValueError, match="k must be"):
+        C.select_topk(torch.randn(8), 9)
+    with pytest.raises(ValueError, match="scale"):
+        C.select_topk(torch.randn(8), 3, torch.ones(7))
+    with pytest.raises(ValueError, match="power of two"):
+        C.rotate(torch.randn(12), torch.arange(12, dtype=torch.int32), torch.ones(12), 8)
+    with pytest.raises(ValueError, match="perm"):
+        C.rotate(torch.randn(12), torch.arange(12), torch.ones(12), 4)  # int64 perm
+
+
 # --------------------------------------------------------------------------- bandwidth
 @pytest.mark.parametrize("nt", [1, 2])
 def test_read_bandwidth_sums_bytes(nt):
@@ -272,11 +357,16 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
     codes, scales = pack.quantize_codes(w.float(), 3, 32)
     packed = pack.pack_codes(codes, 3)
     buf = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g)
+    perm = torch.randperm(128, generator=g).to(torch.int32)
+    codes128, scales128 = pack.quantize_codes(w.float()[:, :128], 3, 32)
+    planes = C.sketch_planes(pack.pack_codes(codes128, 3), 3, 128)
 
     def run():
         return [C.dense_gemv(w, x), C.rows_gemv(w, x, idx), C.gather_gemv(wt, x, idk),
                 C.ffn_sparse(wg, wu, wd_t, x, idx), C.sketch_gemv(packed, scales, x, 3, 32, 130),
-                torch.tensor(C.read_bandwidth(buf))]
+                torch.tensor(C.read_bandwidth(buf)), C.select_topk(x[0], 50)[0],
+                C.rotate(x[0, :128], perm, torch.ones(128), 32),
+                C.sketch_q8(planes, scales128, x[0, :128], 3, 32, 128)]
 
     compiled = run()
     monkeypatch.setenv(C.ENV, "0")
@@ -284,7 +374,9 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
     fallback = run()
     refs = [C.dense_gemv_reference(w, x), C.rows_gemv_reference(w, x, idx),
             C.gather_gemv_reference(wt, x, idk), C.ffn_sparse_reference(wg, wu, wd_t, x, idx),
-            C.sketch_gemv_reference(packed, scales, x, 3, 32, 130), torch.tensor(C.read_bandwidth_reference(buf))]
+            C.sketch_gemv_reference(packed, scales, x, 3, 32, 130), torch.tensor(C.read_bandwidth_reference(buf)),
+            C.select_topk_reference(x[0], 50)[0], C.rotate_reference(x[0, :128], perm, torch.ones(128), 32),
+            C.sketch_q8_reference(planes, scales128, x[0, :128], 3, 32, 128)]
     for a, b, r in zip(compiled, fallback, refs):
         assert torch.equal(b, r)  # the fallback IS the reference
         if a.is_floating_point():

@@ -131,3 +131,13 @@ def test_dense_only(stories_dir, data):
     report = run_eval(str(stories_dir), data / "piqa", methods=["none"], **SMALL)
     assert [m["key"] for m in report["methods"]] == ["dense"]
     assert report["sets"]["piqa"]["methods"]["dense"]["agree"] == 1.0
+
+
+def test_progress_forced_on_shows_rows_done_and_time_left(stories_dir, data, monkeypatch, capsys):
+    from cscompile.progress import FORCE_ENV
+
+    monkeypatch.setenv(FORCE_ENV, "1")
+    report = run_eval(str(stories_dir), data / "piqa", methods=["random"], **{**SMALL, "progress": True})
+    rows = report["sets"]["piqa"]["rows"]
+    err = capsys.readouterr().err
+    assert f"{rows}/{rows} rows" in err and "1/1 methods" in err and " left " in err

@@ -89,6 +89,40 @@ def test_bad_inputs(tmp_path, case):
     assert "\n" not in str(info.value)
 
 
+def test_gguf_second_load_is_served_from_the_cache(tmp_path, monkeypatch):
+    """Dequantizing a GGUF is slow (97 s for SmolLM2's on 2 cores), so it happens once: the
+    second load of the same file reads the Hugging Face directory cached by its sha256."""
+    import hashlib
+    import time
+    from pathlib import Path
+
+    import cscompile.models as models
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fuzz_targets import tiny_gguf
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    conversions, convert = [], models._load_dense_from_gguf
+    monkeypatch.setattr(models, "_load_dense_from_gguf",
+                        lambda path, dtype: conversions.append(path) or convert(path, dtype))
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(tiny_gguf())
+    loads, seconds = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loads.append(load_model(path))
+        seconds.append(time.perf_counter() - t0)
+    print(f"GGUF load: first {seconds[0]:.2f} s (converted), second {seconds[1]:.2f} s (cached)")
+    assert conversions == [path]  # the second load converted nothing
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "cache" / "models" / f"gguf-sha256-{digest}" / "config.json").is_file()
+    first, second = loads
+    assert first.model_id == second.model_id == "tiny" and second.tokenizer is not None
+    assert second.storage_dtype == torch.bfloat16
+    ids = torch.randint(0, 32, (1, 5))
+    assert torch.equal(logits_of(first.model, ids), logits_of(second.model, ids))
+
+
 class _NoTransformer(nn.Module):
     def __init__(self):
         super().__init__()

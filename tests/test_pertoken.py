@@ -77,6 +77,13 @@ def _ffn_io(model, smap, li, ids):
     return got["x"], mlp
 
 
+def _int8_rows(x, group):
+    """x rounded to int8 per group of its last dim (steps of max|x| / 127), as float."""
+    xg = x.view(*x.shape[:-1], -1, group)
+    step = xg.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xg / step) * step).view(x.shape)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_ffn_operators_match_a_reference(tiny, arch):
     loaded, smap = tiny(arch)
@@ -94,13 +101,14 @@ def test_ffn_operators_match_a_reference(tiny, arch):
         return torch.zeros_like(score).scatter_(-1, idx, 1.0)
 
     sk = sketch(model, smap, bits=3, group=16, seed=0)
-    # the sketch's estimate, written out: rotate rows of W and x, dequantize the codes
+    # the sketch's estimate, written out: rotate rows of W and x, round x to int8 per group
+    # (max|x| / 127 steps: what the CPU kernel multiplies), dequantize the codes
     pre = f"layers.{li}"
     rot = Rotation.from_tensors(sk, f"{pre}.gate")
     rmat = _rotation_matrix(rot, x.shape[-1])
     deq = {r: dequantize_codes(unpack_codes(sk[f"{pre}.{r}.packed"], 3, x.shape[-1]),
                                sk[f"{pre}.{r}.scales"], 3, 16) for r in ("gate", "up")}
-    xr = x @ rmat.T
+    xr = _int8_rows(x @ rmat.T, 16)
     est = act(xr @ deq["gate"].T) * (xr @ deq["up"].T)
     cand = keep_top(est.abs(), round(1.5 * k))
     rerank = keep_top(h.abs() * cand - (1 - cand), k)
@@ -151,7 +159,7 @@ def test_input_operators_and_head_match_a_reference(tiny):
             rot = Rotation.from_tensors(sk, "lm_head")
             deq = dequantize_codes(unpack_codes(sk["lm_head.packed"], 4, 64), sk["lm_head.scales"],
                                    4, 16)
-            est = rot(x) @ deq.T
+            est = _int8_rows(rot(x), 16) @ deq.T
             cand = topk_mask(est, 10)
             want = torch.where(cand, x @ w.T, est)
             assert torch.allclose(head(x), want, atol=1e-5)

@@ -405,6 +405,43 @@ def test_cli_stdin_prompts(bundle):
     assert len(r.stdout.splitlines()) == 2
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_cli_says_it_reads_stdin_only_at_a_terminal(bundle, monkeypatch, terminal):
+    from cscompile.runtime import cli_run
+
+    monkeypatch.setattr(cli_run, "_stdin_is_terminal", lambda: terminal)
+    r = CliRunner().invoke(run, [str(bundle), "--max-new-tokens", "2"], input="")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ([cli_run.STDIN_HINT] if terminal else [])
+    assert r.stdout == ""
+
+
+def test_cli_hides_third_party_warnings_unless_verbose(bundle, monkeypatch):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from cscompile.runtime.session import Session
+
+    real = Session.generate
+
+    def generate_with_a_library_warning(self, *args, **kwargs):
+        warnings.warn("`past_key_values` is deprecated", FutureWarning)  # as transformers did
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "generate", generate_with_a_library_warning)
+    args = [str(bundle), "--prompt", PROMPTS[0], "--max-new-tokens", "2"]
+    level = hf_logging.get_verbosity()
+    for verbose in (False, True):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            r = CliRunner().invoke(run, args + (["--verbose"] if verbose else []))
+        assert r.exit_code == 0, r.output
+        shown = [str(w.message) for w in seen if "past_key_values" in str(w.message)]
+        assert bool(shown) == verbose
+        assert hf_logging.get_verbosity() == level  # restored after the command
+
+
 @pytest.mark.parametrize("case", ["missing", "tampered", "empty_prompt", "long_prompt"])
 def test_cli_bad_input_exits_2_with_one_line(case, bundle, tmp_path):
     target, prompt = str(bundle), PROMPTS[0]

@@ -89,6 +89,46 @@ def test_bad_paths_refused(session, stories_dir):
         load(stories_dir).generate("x", path="pertoken")
 
 
+def test_decode_emits_no_library_warnings(session):
+    """Every path calls transformers through its current cache API: nothing deprecated."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for path in ("pertoken", "static", "dense"):
+            session.generate(PROMPTS[0], max_new_tokens=3, path=path)
+    assert [f"{w.category.__name__}: {w.message}" for w in seen] == []
+
+
+def test_cli_compare_answers_dense_and_per_token_side_by_side(session, bundle):
+    res = CliRunner().invoke(run, [str(bundle), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
+                                   "--compare"])
+    assert res.exit_code == 0, res.output
+    dense = session.generate(PROMPTS[0], max_new_tokens=8, path="dense")
+    sparse = session.generate(PROMPTS[0], max_new_tokens=8)
+    assert f"[dense model]\n{dense.text}\n[per-token path]\n{sparse.text}\n" in res.stdout
+    assert "decode tok/s" in res.stdout and "weight MB / token" in res.stdout
+    row = next(line for line in res.stdout.splitlines() if "per-token path " in line)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    of_dense = mean(sparse.bytes_per_token) / mean(dense.bytes_per_token)
+    assert of_dense < 1 and f"{of_dense:.3f}" in row
+    same = next((i for i, (a, b) in enumerate(zip(sparse.token_ids, dense.token_ids)) if a != b),
+                len(dense.token_ids))
+    assert f"{same}/{len(dense.token_ids)}" in row
+    assert "x the dense decode speed" in res.stdout
+
+
+@pytest.mark.parametrize("args, msg", [(["--input", "x.jsonl"], "--compare picks the paths"),
+                                       (["--prompt", "x", "--path", "static"], "--compare picks"),
+                                       (["--prompt", "x", "--dense"], "--compare picks"),
+                                       (["--prompt", "x"], "needs a bundle")])
+def test_cli_compare_refuses_what_it_cannot_compare(bundle, stories_dir, args, msg):
+    target = str(stories_dir) if msg == "needs a bundle" else str(bundle)
+    res = CliRunner().invoke(run, [target, "--compare", *args])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and msg in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_cli_stats_line_reports_missed_energy(bundle):
     res = CliRunner().invoke(run, [str(bundle), "--prompt", PROMPTS[2], "--max-new-tokens", "6",
                                    "--stats"])

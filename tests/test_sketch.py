@@ -14,7 +14,7 @@ def _estimate_error(model, smap, sk, li, bits, x):
     rot = Rotation.from_tensors(sk, f"layers.{li}.up")
     deq = dequantize_codes(unpack_codes(sk[f"layers.{li}.up.packed"], bits, w.shape[1]),
                            sk[f"layers.{li}.up.scales"], bits, 64)
-    exact = x @ w.T
+    exact = x @ w.detach().T
     return float((rot(x) @ deq.T - exact).norm() / exact.norm())
 
 

@@ -574,6 +574,196 @@ void sketch_kernel(const int32_t* packed, int64_t W, const uint16_t* scales, int
   }
 }
 
+// ----------------------------------------------------------------------------- sketch, int8 x
+// The batch-1 sketch GEMV as integer dot products (as llama.cpp's k-quants do): x is quantized
+// to int8 per weight group, each 32 codes are decoded to bytes and _mm256_maddubs_epi16
+// multiplies 32 code / x pairs per instruction. The float kernel above spends ~0.2 ns per
+// weight decoding and converting codes, more than reading a bf16 weight costs; this one is
+// meant to run at the packed bytes' read speed. Codes come in "planes" (made from pack.py's
+// words by cpu_kernels.sketch_planes, the same bits per weight), per 64 inputs:
+//   16 bytes of the codes' low 2 bits: input 32j + 16h + i at bits 2(2j + h) of byte i;
+//   3 bits: 8 bytes of bit 2: input 32j + 8q + r at bit 4j + q of byte r;
+//   4 bits: 16 bytes of bits 2-3, laid out like the low bits.
+// K must be a multiple of 64 and the group of 32.
+template <int BITS>
+struct Planes {
+  static constexpr int PB = BITS * 8;  // bytes per 64 inputs
+  static constexpr float HALF = static_cast<float>((1 << BITS) - 1) / 2.0f;
+
+  static inline int code(const uint8_t* row, int64_t k) {
+    const uint8_t* p = row + (k / 64) * PB;
+    const int t = static_cast<int>(k % 64), j = t / 32, b = t % 32;
+    const int sh = 2 * (2 * j + b / 16);
+    int c = (p[b % 16] >> sh) & 3;
+    if constexpr (BITS == 3) c |= ((p[16 + b % 8] >> (4 * j + b / 8)) & 1) << 2;
+    if constexpr (BITS == 4) c |= ((p[16 + b % 16] >> sh) & 3) << 2;
+    return c;
+  }
+};
+
+// per group g of x [K]: sx[g] = max|x| / 127, xq = round(x / sx), xsum[g] = sx[g] * sum(xq)
+void quantize_x(const float* x, int64_t K, int64_t group, int8_t* xq, float* sx, float* xsum) {
+  for (int64_t g0 = 0, g = 0; g0 < K; g0 += group, ++g) {
+    const int64_t g1 = std::min(K, g0 + group);
+    float amax = 0.0f;
+    for (int64_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+    int32_t sum = 0;
+    for (int64_t k = g0; k < g1; ++k) {
+      const int v = static_cast<int>(std::nearbyint(x[k] * inv));
+      xq[k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+      sum += xq[k];
+    }
+    sx[g] = s;
+    xsum[g] = s * static_cast<float>(sum);
+  }
+}
+
+// out[r] = dequant(rows[r]) . x for R rows at once (sharing each x load; R in 1..4)
+template <int BITS, int R>
+void sketch_q8_rows(const uint8_t* const* rows, const uint16_t* const* sc, const int8_t* xq,
+                    const float* sx, const float* xsum, int64_t K, int64_t group, float* out) {
+  using P = Planes<BITS>;
+  float tot[R], off[R];
+  for (int r = 0; r < R; ++r) tot[r] = off[r] = 0.0f;  // off: sum scale_g xsum_g
+#if CSC_AVX2
+  const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
+  const __m256i shift[2] = {_mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+                            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)};
+  // byte b of sub-block j tests bit 4j + b / 8 of the bit-2 plane
+  const __m256i hmask[2] = {
+      _mm256_setr_epi64x(0x0101010101010101LL, 0x0202020202020202LL, 0x0404040404040404LL,
+                         0x0808080808080808LL),
+      _mm256_setr_epi64x(0x1010101010101010LL, 0x2020202020202020LL, 0x4040404040404040LL,
+                         static_cast<long long>(0x8080808080808080ULL))};
+  __m256 facc[R];
+  __m256i iacc[R], lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    facc[r] = _mm256_setzero_ps();
+    iacc[r] = lo[r] = hi[r] = _mm256_setzero_si256();
+  }
+  const int64_t per_group = group / 32;  // sub-blocks of 32 inputs per scale group
+  int64_t left = per_group, g = 0;       // (no division in the loop: it would dominate)
+  for (int64_t t = 0; t < K / 32; ++t) {
+    const int j = static_cast<int>(t & 1);
+    if (j == 0) {  // a new 64-input block: its planes
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = rows[r] + (t >> 1) * P::PB;
+        lo[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        if constexpr (BITS == 3) {
+          int64_t h8;
+          std::memcpy(&h8, p + 16, 8);
+          hi[r] = _mm256_set1_epi64x(h8);
+        } else if constexpr (BITS == 4) {
+          hi[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        }
+      }
+    }
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * t));
+    for (int r = 0; r < R; ++r) {
+      __m256i q = _mm256_and_si256(_mm256_srlv_epi32(lo[r], shift[j]), m3);
+      if constexpr (BITS == 3) {
+        const __m256i h = _mm256_cmpeq_epi8(_mm256_and_si256(hi[r], hmask[j]), hmask[j]);
+        q = _mm256_or_si256(q, _mm256_and_si256(h, four));
+      } else if constexpr (BITS == 4) {
+        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srlv_epi32(hi[r], shift[j]), m3), 2));
+      }
+      iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+    }
+    if (--left == 0 || t + 1 == K / 32) {  // a group ends (or the row, mid-group)
+      for (int r = 0; r < R; ++r) {
+        const float f = half_to_f(sc[r][g]);
+        facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(f * sx[g]), facc[r]);
+        off[r] += f * xsum[g];
+        iacc[r] = _mm256_setzero_si256();
+      }
+      left = per_group;
+      ++g;
+    }
+  }
+  for (int r = 0; r < R; ++r) tot[r] = hsum(facc[r]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t g0 = 0, g = 0; g0 < K; g0 += group, ++g) {
+      int32_t dot = 0;
+      for (int64_t k = g0; k < std::min(K, g0 + group); ++k) dot += P::code(rows[r], k) * xq[k];
+      const float f = half_to_f(sc[r][g]);
+      tot[r] += f * sx[g] * static_cast<float>(dot);
+      off[r] += f * xsum[g];
+    }
+#endif
+  for (int r = 0; r < R; ++r) out[r] = tot[r] - P::HALF * off[r];
+}
+
+template <int BITS>
+void sketch_q8_kernel(const uint8_t* planes, int64_t N, int64_t K, const uint16_t* scales,
+                      int64_t G, int64_t group, const int8_t* xq, const float* sx,
+                      const float* xsum, float* y, int nthreads) {
+  constexpr int R = 4;
+  const int64_t row_bytes = K / 64 * Planes<BITS>::PB, nblk = (N + R - 1) / R;
+  const int nt = threads_for(nthreads, N * (row_bytes + G * 2), nblk);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t n0 = blk * R;
+    const uint8_t* rows[R];
+    const uint16_t* sc[R];
+    const int cnt = static_cast<int>(std::min<int64_t>(R, N - n0));
+    for (int r = 0; r < cnt; ++r) {
+      rows[r] = planes + (n0 + r) * row_bytes;
+      sc[r] = scales + (n0 + r) * G;
+    }
+    if (cnt == R) {
+      sketch_q8_rows<BITS, R>(rows, sc, xq, sx, xsum, K, group, y + n0);
+    } else {
+      for (int r = 0; r < cnt; ++r) sketch_q8_rows<BITS, 1>(rows + r, sc + r, xq, sx, xsum, K, group, y + n0 + r);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- selection
+// The batch-1 decode step's measurements, which in torch cost more than the GEMVs they steer
+// (a dozen small ops each): top-k of a score as sorted indices, the rotation of the sketches,
+// and the sketch estimate of an FFN's |silu(g) u| with its top-k.
+
+// Sorted ascending indices of the k largest score[i] (ties: lower index first) into idx;
+// returns the share of sum(score^2) off them.
+double topk_sorted(const float* score, int64_t n, int64_t k, int32_t* idx) {
+  thread_local std::vector<int32_t> order;
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
+  k = std::min(k, n);
+  auto larger = [score](int32_t a, int32_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  };
+  if (k < n) std::nth_element(order.begin(), order.begin() + k, order.end(), larger);
+  std::sort(order.begin(), order.begin() + k);
+  double total = 0.0, kept = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(score[i]) * score[i];
+  for (int64_t i = 0; i < k; ++i) {
+    idx[i] = order[i];
+    kept += static_cast<double>(score[order[i]]) * score[order[i]];
+  }
+  return std::max(0.0, 1.0 - kept / std::max(total, 1e-30));
+}
+
+// y = blockdiag(H_b / sqrt(b)) (signs * x[perm]) for one row of n (b a power of two dividing n)
+void rotate_kernel(const float* x, int64_t n, const int32_t* perm, const float* signs, int64_t b,
+                   float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[perm[i]] * signs[i];
+  const float norm = 1.0f / std::sqrt(static_cast<float>(b));
+  for (int64_t base = 0; base < n; base += b) {
+    float* v = y + base;
+    for (int64_t h = 1; h < b; h <<= 1)  // in-place fast Walsh-Hadamard (Sylvester order)
+      for (int64_t i = 0; i < b; i += h << 1)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+    for (int64_t i = 0; i < b; ++i) v[i] *= norm;
+  }
+}
+
 // ----------------------------------------------------------------------------- bandwidth
 int64_t read_bytes_kernel(const uint8_t* p, int64_t n, int nthreads) {
   const int nt = threads_for(nthreads, n, std::max<int64_t>(1, n >> 16));
@@ -627,7 +817,7 @@ inline int64_t check_idx(const int32_t* idx, int64_t m, int64_t limit) {
 
 extern "C" {
 
-int csc_abi_version() { return 1; }
+int csc_abi_version() { return 2; }
 int csc_has_avx2() { return CSC_AVX2; }
 
 // y [B, M] = x [B, K] @ w[idx].T (* scale[idx]); w [N, K]; idx null -> rows 0..M-1
@@ -689,6 +879,64 @@ int64_t csc_sketch(int bits, const int32_t* packed, int64_t W, const uint16_t* s
     case 3: sketch_kernel<3>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
     default: sketch_kernel<4>(packed, W, scales, G, x, B, N, K, group, y, nthreads); break;
   }
+  return 0;
+}
+
+// y [N] = dequant(planes, scales fp16 [N, G]) . x, x [K] float32 quantized to int8 per group
+// inside (one row: the batch-1 decode step); bits 2..4, K % 64 == 0, group % 32 == 0.
+int64_t csc_sketch_q8(int bits, const uint8_t* planes, int64_t N, int64_t K, const uint16_t* scales,
+                      int64_t G, int64_t group, const float* x, float* y, int nthreads) {
+  if (bits < 2 || bits > 4 || K % 64 || group % 32 || group <= 0 || G != (K + group - 1) / group)
+    return -1;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> sx, xsum;
+  xq.resize(K);
+  sx.resize(G);
+  xsum.resize(G);
+  quantize_x(x, K, group, xq.data(), sx.data(), xsum.data());
+  switch (bits) {
+    case 2: sketch_q8_kernel<2>(planes, N, K, scales, G, group, xq.data(), sx.data(), xsum.data(), y, nthreads); break;
+    case 3: sketch_q8_kernel<3>(planes, N, K, scales, G, group, xq.data(), sx.data(), xsum.data(), y, nthreads); break;
+    default: sketch_q8_kernel<4>(planes, N, K, scales, G, group, xq.data(), sx.data(), xsum.data(), y, nthreads); break;
+  }
+  return 0;
+}
+
+// idx [k] = sorted top k of |x[i]| * (scale ? scale[i] : 1), x [n]; *missed = share of the
+// score's energy off them (TEAL / WINA input selection at batch 1)
+int64_t csc_select(const float* x, int64_t n, const float* scale, int64_t k, int32_t* idx,
+                   double* missed) {
+  if (k < 0 || k > n) return -1;
+  thread_local std::vector<float> score;
+  score.resize(n);
+  for (int64_t i = 0; i < n; ++i) score[i] = std::fabs(x[i]) * (scale ? scale[i] : 1.0f);
+  *missed = topk_sorted(score.data(), n, k, idx);
+  return 0;
+}
+
+// y [n] = the sketches' rotation of x [n]
+int64_t csc_rotate(const float* x, int64_t n, const int32_t* perm, const float* signs, int64_t b,
+                   float* y) {
+  if (b < 1 || n % b || (b & (b - 1))) return -1;
+  if (int64_t bad = check_idx(perm, n, n)) return bad;
+  rotate_kernel(x, n, perm, signs, b, y);
+  return 0;
+}
+
+// The sketch op's selection at batch 1: est = silu(sketch_g xr) * (sketch_u xr) over N channels
+// (xr [K] already rotated; both sketches as planes, csc_sketch_q8), idx [k] = its sorted top k
+// by |est|; *missed = the share of |est|^2 off them. est [N] is scratch the caller provides.
+int64_t csc_sketch_select(int bits, const uint8_t* planes_g, const uint16_t* scales_g,
+                          const uint8_t* planes_u, const uint16_t* scales_u, int64_t G,
+                          const float* xr, int64_t N, int64_t K, int64_t group, int64_t k,
+                          int32_t* idx, float* est, double* missed, int nthreads) {
+  if (k < 0 || k > N) return -1;
+  thread_local std::vector<float> up;
+  up.resize(N);
+  if (csc_sketch_q8(bits, planes_g, N, K, scales_g, G, group, xr, est, nthreads)) return -1;
+  csc_sketch_q8(bits, planes_u, N, K, scales_u, G, group, xr, up.data(), nthreads);
+  for (int64_t i = 0; i < N; ++i) est[i] = std::fabs(silu(est[i]) * up[i]);
+  *missed = topk_sorted(est, N, k, idx);
   return 0;
 }
 
@@ -782,6 +1030,50 @@ PyObject* py_read(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLongLong(rc);
 }
 
+// selection calls return the missed share as a float, or None for a bad argument
+PyObject* py_select(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[5];
+  if (!py_args(args, nargs, 5, a)) return nullptr;
+  int64_t rc;
+  double missed = 0.0;
+  rc = csc_select(ptr<const float*>(a[0]), a[1], ptr<const float*>(a[2]), a[3], ptr<int32_t*>(a[4]), &missed);
+  if (rc) Py_RETURN_NONE;
+  return PyFloat_FromDouble(missed);
+}
+
+PyObject* py_sketch_q8(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[10];
+  if (!py_args(args, nargs, 10, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_sketch_q8(static_cast<int>(a[0]), ptr<const uint8_t*>(a[1]), a[2], a[3], ptr<const uint16_t*>(a[4]),
+                     a[5], a[6], ptr<const float*>(a[7]), ptr<float*>(a[8]), static_cast<int>(a[9]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
+PyObject* py_rotate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[6];
+  if (!py_args(args, nargs, 6, a)) return nullptr;
+  return PyLong_FromLongLong(csc_rotate(ptr<const float*>(a[0]), a[1], ptr<const int32_t*>(a[2]),
+                                        ptr<const float*>(a[3]), a[4], ptr<float*>(a[5])));
+}
+
+PyObject* py_sketch_select(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[14];
+  if (!py_args(args, nargs, 14, a)) return nullptr;
+  int64_t rc;
+  double missed = 0.0;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_sketch_select(static_cast<int>(a[0]), ptr<const uint8_t*>(a[1]), ptr<const uint16_t*>(a[2]),
+                         ptr<const uint8_t*>(a[3]), ptr<const uint16_t*>(a[4]), a[5],
+                         ptr<const float*>(a[6]), a[7], a[8], a[9], a[10], ptr<int32_t*>(a[11]),
+                         ptr<float*>(a[12]), &missed, static_cast<int>(a[13]));
+  Py_END_ALLOW_THREADS
+  if (rc) Py_RETURN_NONE;
+  return PyFloat_FromDouble(missed);
+}
+
 PyObject* py_abi(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_abi_version()); }
 PyObject* py_avx2(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_has_avx2()); }
 
@@ -792,6 +1084,11 @@ PyMethodDef csc_methods[] = {
     {"csc_ffn", CSC_FAST(py_ffn), "csc_ffn(dtype, wg, wu, wd, I, H, x, B, idx, m, y, threads) -> status"},
     {"csc_sketch", CSC_FAST(py_sketch), "csc_sketch(bits, packed, W, scales, G, x, B, N, K, group, y, threads)"},
     {"csc_read", CSC_FAST(py_read), "csc_read(ptr, nbytes, threads) -> byte sum"},
+    {"csc_select", CSC_FAST(py_select), "csc_select(x, n, scale, k, idx) -> missed | None"},
+    {"csc_rotate", CSC_FAST(py_rotate), "csc_rotate(x, n, perm, signs, block, y) -> status"},
+    {"csc_sketch_select", CSC_FAST(py_sketch_select),
+     "csc_sketch_select(bits, planes_g, sg, planes_u, su, G, xr, N, K, group, k, idx, est, threads) -> missed | None"},
+    {"csc_sketch_q8", CSC_FAST(py_sketch_q8), "csc_sketch_q8(bits, planes, N, K, scales, G, group, x, y, threads) -> status"},
     {"csc_abi_version", CSC_FAST(py_abi), ""},
     {"csc_has_avx2", CSC_FAST(py_avx2), ""},
     {nullptr, nullptr, 0, nullptr}};
