@@ -49,16 +49,17 @@ HOST = "127.0.0.1"
 class Served:
     """`cscompile serve` in a subprocess, with an RSS sampler."""
 
-    def __init__(self, bundle: str, path: str | None, args):
+    def __init__(self, bundle: str, path: str | None, args, exact: bool = False):
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "cscompile.cli", "serve", bundle, "--port", str(self.port),
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-               "--log-level", "warning", "--model-name", "m"] + (["--path", path] if path else [])
+               "--log-level", "warning", "--model-name", "m"] + (["--path", path] if path else []) \
+            + (["--exact"] if exact else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads)}
         self.log = open(Path(tempfile.gettempdir()) / f"serve_load_{args.name}_"
-                        f"{path or 'default'}.log", "w")
+                        f"{path or 'default'}{'_exact' if exact else ''}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         t0 = time.monotonic()
         while True:
@@ -270,16 +271,26 @@ def fault_run(served: Served, prompts, n: int, max_tokens: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def code_state() -> str:
+    """The commit measured, and whether runtime/ had uncommitted edits (a shared checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "runtime", "cscompile"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return f"{head}{' + uncommitted runtime/cscompile edits' if dirty else ''}"
+    except OSError:
+        return "unknown"
+
+
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = [f"# `cscompile serve` under load: {report['name']}", "",
              f"{report['date']}, {report['machine']}. Bundle `{a['bundle']}` "
              f"({report['bundle_info']}).", "",
              "## Protocol", "",
-             f"`python benchmarks/serve_load.py {a['bundle']} --levels {a['levels']} "
-             f"--paths {a['paths']} --max-tokens {a['max_tokens']} --prompt-words "
-             f"{a['prompt_words']}` (total "
-             f"{report['total_s']:.0f} s). Server: `cscompile serve BUNDLE --path P --max-batch "
+             " and ".join(f"`{c['command']}` ({c['total_s']:.0f} s)" for c in report["commands"])
+             + f". Server: `cscompile serve BUNDLE --path P [--exact] --max-batch "
              f"{a['max_batch']} --max-queue {a['max_queue']}` in its own process with "
              f"OMP_NUM_THREADS={a['server_threads']}; the clients run in this (second) process, "
              f"one thread per request in flight, over loopback HTTP/1.1. Each level sends N "
@@ -299,9 +310,10 @@ def markdown(report: dict) -> str:
              "p50 TTFT s | mean batch | RSS start→end MB | = solo text |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
+        name = run["path"] + (" --exact" if run.get("exact") else "")
         for lv in run["levels"]:
             lines.append(
-                f"| {run['path']} | {lv['concurrency']} | {lv['requests']} | {lv['failed']} | "
+                f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['failed']} | "
                 f"{lv['requests_per_s']:.2f} | {lv['completion_tokens_per_s']:.1f} | "
                 f"{lv['latency_p50_s']} | {lv['latency_p99_s']} | {lv['ttft_p50_s']} | "
                 f"{lv['mean_batch_size']} | {lv['rss_start_mb']:.0f}→{lv['rss_end_mb']:.0f} | "
@@ -311,7 +323,7 @@ def markdown(report: dict) -> str:
               "## Memory", ""]
     for run in report["runs"]:
         m = run["rss_mb"]
-        lines.append(f"* {run['path']}: server RSS after warm-up {m['after_warmup']:.0f} MB, "
+        lines.append(f"* {run['path']}{' --exact' if run.get('exact') else ''}: server RSS after warm-up {m['after_warmup']:.0f} MB, "
                      f"max {m['max']:.0f} MB, at the end {m['end']:.0f} MB "
                      f"(startup {run['startup_s']:.0f} s).")
     f = report.get("fault")
@@ -336,7 +348,8 @@ def main():
     ap.add_argument("bundle")
     ap.add_argument("--name", default="smollm2")
     ap.add_argument("--paths", default="dense,default",
-                    help="comma-separated: default (the bundle's own), pertoken, static, dense")
+                    help="comma-separated: default (the bundle's own), pertoken, static, dense; "
+                         "NAME:exact serves it with --exact")
     ap.add_argument("--levels", default="1:8,4:32,16:200",
                     help="concurrency:requests, comma-separated; the first should be 1")
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -348,6 +361,8 @@ def main():
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--fault-requests", type=int, default=48)
     ap.add_argument("--out-dir", type=Path, default=REPO / "results")
+    ap.add_argument("--add-to", action="store_true",
+                    help="append these runs to an existing results/serve_load_NAME.json")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     levels = [tuple(int(x) for x in lv.split(":")) for lv in args.levels.split(",")]
@@ -355,7 +370,7 @@ def main():
     prompts = [json.loads(line)["prompt"] for line in src.read_text().splitlines() if line.strip()]
     if args.prompt_words:
         prompts = [" ".join(p.split()[:args.prompt_words]) for p in prompts]
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
 
     from transformers import AutoTokenizer  # prompt lengths for the report only
 
@@ -365,16 +380,18 @@ def main():
 
     runs, fault = [], None
     paths = args.paths.split(",")
-    for k, path in enumerate(paths):
-        served = Served(args.bundle, None if path == "default" else path, args)
+    for k, spec in enumerate(paths):
+        path, _, mode = spec.partition(":")
+        served = Served(args.bundle, None if path == "default" else path, args,
+                        exact=mode == "exact")
         try:
             print(f"[{path}] server up in {served.startup_s:.0f} s ({served.path} path)",
                   file=sys.stderr)
             for p in prompts[:2]:  # warm-up: kernels, allocator, first-call paths
                 stream(served.port, p, args.max_tokens)
             warm = served.rss_now()
-            run = {"path": served.path, "requested": path, "startup_s": round(served.startup_s, 1),
-                   "levels": []}
+            run = {"path": served.path, "requested": spec, "exact": mode == "exact",
+                   "startup_s": round(served.startup_s, 1), "levels": []}
             for c, n in levels:
                 lv = run_level(served, prompts, c, n, args.max_tokens)
                 print(f"[{path}] C={c} N={n}: {lv['requests_per_s']} req/s, p50 "
@@ -409,8 +426,17 @@ def main():
               "prompt_source": (f"`{src.relative_to(REPO.parent)}`" if src.is_relative_to(
                   REPO.parent) else f"`{src}`"),
               "prompt_tokens_median": statistics.median(lengths) if lengths else None,
-              "runs": runs, "fault": fault, "total_s": time.perf_counter() - t_start}
+              "runs": runs, "fault": fault,
+              "commands": [{"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+                            "total_s": round(time.perf_counter() - t_start, 1),
+                            "code": code_state(), "started": started}]}
     out = args.out_dir / f"serve_load_{args.name}"
+    if args.add_to and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        new = {r["requested"] for r in runs}  # a path measured again replaces its old run
+        report = {**old, "runs": [r for r in old["runs"] if r.get("requested") not in new] + runs,
+                  "fault": fault or old.get("fault"),
+                  "commands": old.get("commands", []) + report["commands"]}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

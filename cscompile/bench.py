@@ -61,9 +61,10 @@ def touched_bytes(model) -> int:
 
 @torch.no_grad()
 def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: int,
-               device: torch.device, pertoken=None) -> dict:
+               device: torch.device, pertoken=None, mode: str | None = None) -> dict:
     """Prefill once with a fresh cache, then `new_tokens` single-token steps; per timed run.
-    With `pertoken` (a runtime.pertoken.PerToken) the prefill runs dense and the steps on it."""
+    With `pertoken` (a runtime.pertoken.PerToken) the prefill runs dense and the steps on it,
+    in `mode` ("pertoken", or "full": every weight on the same kernels)."""
     from transformers import DynamicCache
 
     from cscompile.runtime.generate import pertoken_logits
@@ -72,7 +73,7 @@ def _time_path(model, ids: torch.Tensor, new_tokens: int, repeats: int, warmup: 
         if pertoken is None:
             return model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
                          logits_to_keep=1).logits
-        return pertoken_logits(pertoken, model, tok, cache)  # as run and serve decode
+        return pertoken_logits(pertoken, model, tok, cache, mode=mode or "pertoken")
 
     prefill_ms, tok_s, step_ms = [], [], []
     for run in range(warmup + repeats):
@@ -117,9 +118,11 @@ def _environment(device: torch.device) -> tuple[dict, dict]:
 
 def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
               repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False,
-              progress=True) -> dict:
+              progress=True, onnxruntime=False) -> dict:
     """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows.
-    progress=False: nothing on stderr (else a bar where someone watches, cscompile.progress)."""
+    progress=False: nothing on stderr (else a bar where someone watches, cscompile.progress).
+    onnxruntime: also rows for the bundle's ONNX export on onnxruntime (runtime.onnx_backend;
+    exported into the cache on first use)."""
     from cscompile.progress import bar, status
     from cscompile.runtime import load
 
@@ -163,13 +166,8 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                           touched_bytes(bf16)))
         pt = session.pertoken
         if pt is not None and pt.cpu is not None:
-            # the dense plan on the same kernels and decode loop: what the backend alone gains
-            from cscompile.runtime.pertoken import PerToken, dense_plan
-
-            dense_pt = PerToken(session.model, smap, dense_plan(smap), elsize=pt.shapes.elsize,
-                                backend="cpu")
-            dense_pt.detach()
-            paths.append(("dense (cpu kernels)", ("pertoken", True, dense_pt), session.model,
+            # every weight on the same kernels and decode loop: what the backend alone gains
+            paths.append(("dense (cpu kernels)", ("full", True, pt), session.model,
                           smap.total_bytes, dense_fp32))
         if pt is not None:  # the per-token path on its kernels, and as torch masks
             nb = pt.bytes()
@@ -215,14 +213,15 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                         path_pt.cpu = None  # the same plan as torch masks
                     try:
                         t = _time_path(model, ids, new_tokens, repeats, warmup, dev,
-                                       pertoken=path_pt)
+                                       pertoken=path_pt, mode=cid[0] if on_pt else None)
                     finally:
                         if on_pt:
                             path_pt.cpu = cpu
                     med = t["decode_tok_s"]["median"]
                     dense_tok_s = med if cid is None else dense_tok_s
                     static = isinstance(cid, int)
-                    density = (path_pt.bytes()["fraction"] if on_pt else
+                    density = (1.0 if on_pt and cid[0] == "full" else
+                               path_pt.bytes()["fraction"] if on_pt else
                                session.classes[cid].density if static else 1.0)
                     row = {"threads": torch.get_num_threads(), "batch": b, "path": name,
                            "class_id": cid if static else None,
@@ -241,6 +240,15 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                     advance()
                 rows.extend({"threads": torch.get_num_threads(), "batch": b, **s}
                             for s in skipped)
+        if onnxruntime:
+            if not session.is_bundle:
+                raise UserInputError(f"--onnxruntime benches a bundle's ONNX export; "
+                                     f"{target} is a model")
+            from cscompile.runtime.onnx_backend import bench_rows
+
+            with status("exporting (first use) and timing the ONNX graphs ...", show=progress):
+                rows.extend(bench_rows(session, prompts, thread_counts, batch_sizes, class_ids,
+                                       new_tokens, repeats, warmup, rows))
         # on the session already loaded: a second load would double start-up and memory
         extra = {}
         if overhead:
@@ -346,7 +354,8 @@ def print_bench(result: dict, console) -> None:
                  f"{r['prefill_ms']['median']:.2f}",
                  f"{d['median']:.1f} [{d['min']:.1f}–{d['max']:.1f}]",
                  f"{r['step_ms']['median']:.2f}", f"{r['weight_bytes_fp32'] / 1e6:.3f}",
-                 f"{r['bytes_ratio']:.2f}", f"{r['speedup']:.2f}"]
+                 f"{r['bytes_ratio']:.2f}",
+                 f"{r['speedup']:.2f}" if r.get("speedup") is not None else "–"]
         if "GB/s" in cols:
             cells.append(f"{r['gbps']:.1f}")
         table.add_row(*cells)
@@ -379,9 +388,12 @@ from cscompile.errors import friendly_errors  # noqa: E402
               help="Default: cuda when available, else cpu.")
 @click.option("--overhead", is_flag=True,
               help="Also time routing and the refinement monitor as shares of generate().")
+@click.option("--onnxruntime", is_flag=True,
+              help="Also time the bundle's ONNX export on onnxruntime (batch 1; exported "
+                   "into the cache on first use).")
 @friendly_errors
 def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup, threads,
-          json_out, device, overhead):
+          json_out, device, overhead, onnxruntime):
     """Time prefill and decode of TARGET (a bundle: dense and each class; a model: dense)."""
     import json
     from pathlib import Path
@@ -392,6 +404,7 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                        warmup=warmup, device=device, overhead=overhead,
+                       onnxruntime=onnxruntime,
                        threads=parse_int_list(threads, "--threads") if threads else None,
                        progress=not json_out)  # --json: stderr stays quiet too
     text = json.dumps(result, indent=2)

@@ -58,6 +58,7 @@ KIND = "cscompile-onnx-export"
 EXPORT_VERSION = 1
 OPSET = 18  # torchlib's own opset: no version conversion, onnxruntime >= 1.14 runs it
 PATHS = ("dense", "static", "pertoken")
+CHOICES = PATHS + ("all",)  # all: every path the bundle has, the step graph once
 DATA_HEADER = b"cscompile ONNX external data\n".ljust(64, b"\0")
 ALIGN = 64  # external tensors start on 64-byte boundaries
 INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file
@@ -142,7 +143,7 @@ def layer_ids(session) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_exportable(session, path: str, class_ids: list[int]) -> None:
+def check_exportable(session, paths: list[str], class_ids: list[int]) -> None:
     """Refuse, in one line, what these graphs cannot express (before any work)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -158,7 +159,7 @@ def check_exportable(session, path: str, class_ids: list[int]) -> None:
     if any(layer.attention is None for layer in session.smap.layers):
         raise UserInputError(f"{session.source}: a layer without attention found; "
                              f"the step graphs need one KV cache per layer")
-    if path == "static":
+    if "static" in paths:
         for c in class_ids:
             support = session.classes[c].support
             if support.layers is not None or session.compact_model(c) is None:
@@ -167,7 +168,7 @@ def check_exportable(session, path: str, class_ids: list[int]) -> None:
                     f"{'drops layers' if support.layers is not None else 'keeps kv groups unevenly in a fused projection'}); "
                     f"its static path runs as masks over the dense weights, which this export "
                     f"does not write")
-    if path == "pertoken":
+    if "pertoken" in paths:
         if session.pertoken is None:
             raise UserInputError(f"{session.source} has no per-token plan (built with "
                                  f"--static-only): export --path dense or --path static")
@@ -179,25 +180,29 @@ def check_exportable(session, path: str, class_ids: list[int]) -> None:
                                  f"in the bundle says which channels, so it cannot export")
 
 
-def resolve(session, path: str | None, class_id: int | None) -> tuple[str, list[int]]:
-    """(path, class ids) an export request means; bad requests refused in one line."""
+def resolve(session, path: str | None, class_id: int | None) -> tuple[list[str], list[int]]:
+    """(paths, class ids) an export request means; bad requests refused in one line."""
     path = path or session.default_path
-    if path not in PATHS:
-        raise UserInputError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path not in CHOICES:
+        raise UserInputError(f"--path must be one of {', '.join(CHOICES)}, got {path!r}")
+    paths = ["dense", "static"] + (["pertoken"] if session.pertoken is not None else []) \
+        if path == "all" else sorted({"dense", path})
     n = len(session.classes)
-    if class_id is not None:
-        if path != "static":
+    if class_id is not None:  # one class id, or a list of them
+        if "static" not in paths:
             raise UserInputError(f"--class selects a static class path; give --path static "
                                  f"(this export is --path {path})")
-        if not 0 <= class_id < n:
-            raise UserInputError(f"unknown class {class_id}: the bundle has classes 0..{n - 1}")
-        return path, [class_id]
-    return path, list(range(n)) if path == "static" else []
+        wanted = sorted(set([class_id] if isinstance(class_id, int) else class_id))
+        for c in wanted:
+            if not 0 <= c < n:
+                raise UserInputError(f"unknown class {c}: the bundle has classes 0..{n - 1}")
+        return paths, wanted
+    return paths, list(range(n)) if "static" in paths else []
 
 
 # ----------------------------------------------------------------------------- export
-def export_bundle(bundle, out, path: str | None = None, class_id: int | None = None,
-                  force: bool = False, note=None) -> dict:
+def export_bundle(bundle, out, path: str | None = None, class_id=None, force: bool = False,
+                  note=None) -> dict:
     """Load BUNDLE (torch backend) and export it to OUT; returns the export report."""
     from cscompile.runtime import load
 
@@ -205,25 +210,29 @@ def export_bundle(bundle, out, path: str | None = None, class_id: int | None = N
     return export_session(session, out, path, class_id, force=force, note=note)
 
 
-def export_session(session, out, path: str | None = None, class_id: int | None = None,
-                   force: bool = False, note=None) -> dict:
-    """Export a loaded bundle Session's `path` to the directory `out` (see the module doc)."""
+def export_session(session, out, path: str | None = None, class_id=None, force: bool = False,
+                   note=None) -> dict:
+    """Export a loaded bundle Session's `path` ("all": every path) to the directory `out`
+    (see the module doc); class_id: one class id or a list of them (static path), None for
+    every class."""
     import onnx
     import onnxscript
     import transformers
 
     t0 = time.perf_counter()
-    path, class_ids = resolve(session, path, class_id)
-    check_exportable(session, path, class_ids)
+    paths, class_ids = resolve(session, path, class_id)
+    path = path or session.default_path
+    check_exportable(session, paths, class_ids)
     note = note or (lambda text: None)
     with torch.no_grad():
-        graphs = _graphs(session, path, class_ids)
+        graphs = _graphs(session, paths, class_ids)
+    labels = next((g.labels for g in graphs if g.labels is not None), None)
     bundle_manifest = _bundle_manifest(session)
     versions = {"torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxscript": onnxscript.__version__, "transformers": transformers.__version__}
     manifest = {
         "kind": KIND, "export_version": EXPORT_VERSION, "format": "onnx", "opset": OPSET,
-        "path": path, "classes": class_ids,
+        "path": path, "paths": paths, "classes": class_ids,
         "bundle": {"manifest_sha256": bundle_manifest["manifest_sha256"],
                    "model_id": bundle_manifest.get("source", {}).get("model_id"),
                    "weights_dtype": bundle_manifest.get("weights_dtype")},
@@ -246,20 +255,20 @@ def export_session(session, out, path: str | None = None, class_id: int | None =
             del proto
             checks[g.name] = _self_check(session, g, tmp / g.file)
             sizes[g.name]["export_s"] = time.perf_counter() - t
-        report = {"path": path, "classes": class_ids, "opset": OPSET,
+        report = {"path": path, "paths": paths, "classes": class_ids, "opset": OPSET,
                   "graphs": {n: {k: v for k, v in s.items() if k != "export_s"}
                              for n, s in sizes.items()}}
-        if path == "pertoken":
-            report["pertoken"] = graphs[-1].labels
+        if labels is not None:
+            report["pertoken"] = labels
         (tmp / "report.json").write_text(dumps_json(report), encoding="utf-8")
         return files + ["report.json"]
 
     out = write_sealed_dir(out, manifest, fill, force=force, what="ONNX export")
-    return {"out": str(out), "format": "onnx", "opset": OPSET, "path": path,
+    return {"out": str(out), "format": "onnx", "opset": OPSET, "path": path, "paths": paths,
             "classes": class_ids, "bundle": manifest["bundle"], "versions": versions,
             "graphs": {g.name: {"role": g.role, **manifest["graphs"][g.name], **sizes[g.name],
                                 "check": checks[g.name]} for g in graphs},
-            **({"pertoken": graphs[-1].labels} if path == "pertoken" else {}),
+            **({"pertoken": labels} if labels is not None else {}),
             "timing": {"export_s": time.perf_counter() - t0}}
 
 
@@ -269,7 +278,7 @@ def _bundle_manifest(session) -> dict:
     return load_bundle(session.source, verify=False).manifest
 
 
-def _graphs(session, path: str, class_ids: list[int]) -> list[Graph]:
+def _graphs(session, paths: list[str], class_ids: list[int]) -> list[Graph]:
     from cscompile.runtime.generate import slice_cache
 
     model, smap = session.model, session.smap
@@ -277,13 +286,13 @@ def _graphs(session, path: str, class_ids: list[int]) -> list[Graph]:
     step, router = _routed_step(model, smap, session.router.layer)
     graphs = [Graph("step", "prefill (every path) and dense decode",
                     StepGraph(model, ids, step, router), False, ["router_feature"])]
-    for c in class_ids if path == "static" else []:
+    for c in class_ids if "static" in paths else []:
         compact, support = session.compact_model(c), session.classes[c].support
         graphs.append(Graph(f"class_{c}", f"class {c} decode (physically reduced model)",
                             StepGraph(compact, ids, _hf_step(compact)), True,
                             slice_past=lambda cache, s=support: slice_cache(cache, model, smap,
                                                                             s)))
-    if path == "pertoken":
+    if "pertoken" in paths:
         from cscompile.runtime.generate import pertoken_logits
 
         pt = session.pertoken
@@ -511,7 +520,7 @@ from .errors import friendly_errors  # noqa: E402
 
 
 def summary_lines(report: dict) -> list[str]:
-    lines = [f"wrote {report['out']}: the {report['path']} path of bundle "
+    lines = [f"wrote {report['out']}: {', '.join(report['paths'])} of bundle "
              f"{report['bundle']['model_id']} (manifest {report['bundle']['manifest_sha256'][:12]}"
              f"...), ONNX opset {report['opset']}, fp32, every file's sha256 in manifest.json"]
     for name, g in report["graphs"].items():
@@ -530,9 +539,9 @@ def summary_lines(report: dict) -> list[str]:
               help="Export directory to write (refused if it exists, unless --force).")
 @click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx",
               help="Export format (onnx only).")
-@click.option("--path", "path", default=None, metavar="dense|static|pertoken",
-              help="Decode path to export [default: the bundle's default path]; the dense "
-                   "prefill graph comes with every path.")
+@click.option("--path", "path", default=None, metavar="dense|static|pertoken|all",
+              help="Decode path to export [default: the bundle's default path], or all of "
+                   "them; the dense prefill graph comes with every path.")
 @click.option("--class", "class_id", type=int, default=None,
               help="With --path static: only this class (default: every class).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -544,8 +553,8 @@ def export(bundle, out, fmt, path, class_id, force, json_out):
 
     if fmt != "onnx":
         raise UserInputError(f"--format must be onnx, got {fmt!r}")
-    if path is not None and path not in PATHS:
-        raise UserInputError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path is not None and path not in CHOICES:
+        raise UserInputError(f"--path must be one of {', '.join(CHOICES)}, got {path!r}")
     if not (Path(bundle) / "manifest.json").is_file():
         raise UserInputError(f"{bundle} is not a bundle directory (no manifest.json); build "
                              f"one with cscompile build")

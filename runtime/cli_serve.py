@@ -33,6 +33,11 @@ from cscompile.errors import friendly_errors
 @click.option("--queue-timeout", "queue_timeout_s", default=60.0, show_default=True,
               type=click.FloatRange(0, min_open=True),
               help="Seconds a request may wait for a decode slot (503).")
+@click.option("--exact", is_flag=True,
+              help="Decode every request in a batch of its own (one batch-1 forward per request "
+                   "and step): outputs bit-for-bit those of `cscompile run`, less throughput. "
+                   "Batched, the per-token path's top-k selections can tip on float "
+                   "reordering and change a later token.")
 @click.option("--model-name", default=None,
               help="The model id clients send and /v1/models lists [default: TARGET's name].")
 @click.option("--log-level", default="info", show_default=True,
@@ -40,12 +45,13 @@ from cscompile.errors import friendly_errors
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
 @friendly_errors
 def serve(target, host, port, path, backend, max_batch, max_queue, timeout_s, queue_timeout_s,
-          model_name, log_level, access_log):
+          exact, model_name, log_level, access_log):
     """Serve TARGET (a bundle directory, or a model run dense) over the OpenAI API:
     /v1/completions, /v1/chat/completions, /v1/models, /health.
 
     Requests decode together: each is prefilled alone, then joins the running batch of its
-    path between two decode steps, so its greedy output is what `cscompile run` gives it.
+    path between two decode steps, so its greedy output is what `cscompile run` gives it up
+    to float reordering (bit-for-bit with --exact).
     """
     import uvicorn
 
@@ -54,10 +60,11 @@ def serve(target, host, port, path, backend, max_batch, max_queue, timeout_s, qu
     from .openai_api import create_app
 
     session = load(target, backend=backend)
-    engine = Engine(session, path=path, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(session, path=path, max_batch=max_batch, max_queue=max_queue, exact=exact)
     name = model_name or Path(str(target).rstrip("/")).name or str(target)
     app = create_app(session, engine, name, timeout_s=timeout_s, queue_timeout_s=queue_timeout_s)
+    batch = f"max batch {max_batch}" + (" (exact: one row per forward)" if exact else "")
     click.echo(f"serving {name} ({engine.kind} path, backend {session.backend}) on "
-               f"http://{host}:{port}/v1 | max batch {max_batch}, queue {max_queue}, "
-               f"timeout {timeout_s:g} s (queued {queue_timeout_s:g} s)", err=True)
+               f"http://{host}:{port}/v1 | {batch}, queue {max_queue}, timeout {timeout_s:g} s "
+               f"(queued {queue_timeout_s:g} s)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)

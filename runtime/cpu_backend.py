@@ -32,6 +32,9 @@ def _masked(x, keep, idx):
     return (x * keep).float(), _union(keep)
 
 
+_ALL = None  # gather_gemv's "every input"
+
+
 def _union(keep: torch.Tensor) -> torch.Tensor:
     """int32 indices kept by any row of a bool mask [B, n]."""
     return keep.any(0).nonzero().view(-1).to(torch.int32)
@@ -117,14 +120,15 @@ class CpuWeights:
             h = h * keep
         return K.gather_gemv(w["d_t"], h, _union(keep)), keep
 
-    def ffn_inputs(self, li: int, x: torch.Tensor, x_keep: torch.Tensor, act):
-        """teal/wina op, first half: h = act(gate(x_kept)) * up(x_kept) over every channel."""
+    def ffn_inputs(self, li: int, x: torch.Tensor, x_keep: torch.Tensor | None, act):
+        """teal/wina op, first half: h = act(gate(x_kept)) * up(x_kept) over every channel
+        (x_keep None: every input)."""
         w = self.ffn[li]
-        xm, idx = (x * x_keep).float(), _union(x_keep)
+        xm, idx = _masked(x, x_keep, _ALL)
         return act(K.gather_gemv(w["g_t"], xm, idx)) * K.gather_gemv(w["u_t"], xm, idx)
 
-    def down(self, li: int, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return K.gather_gemv(self.ffn[li]["d_t"], (h * keep).float(), _union(keep))
+    def down(self, li: int, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return K.gather_gemv(self.ffn[li]["d_t"], *_masked(h, keep, _ALL))
 
     def head_rows(self, h: torch.Tensor, cand: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
         """est with each row's candidates replaced by their exact logits."""

@@ -4,8 +4,8 @@ A decode step at batch 1..16 is a few hundred small ops. transformers' generic f
 kwarg-deprecation wrappers, mask builders and output records around each of them: ~30 ms a
 step for SmolLM2 on a 2-core CPU, more than the per-token path's kernels take. `decode_logits`
 runs the model's own modules (the per-token path's swapped projections, FFNs and head among
-them, so the operators have one implementation) in a plain loop: RMSNorm, RoPE from the model's
-rotary module, the cache's own `update`, SDPA. It is what the per-token path's decode steps
+them, so the operators have one implementation) in a plain loop: RMSNorm (fused), RoPE from the
+model's rotary module, the cache's own `update`, SDPA. It is what the per-token path's decode steps
 run where `supports(model)` holds; anything else (other families, sliding-window layers)
 keeps `model(...)`. tests/test_decode_step.py checks it equals the HF forward.
 """
@@ -33,7 +33,15 @@ def supports(model) -> bool:
         return False  # sliding-window layers need their own masks
     if getattr(cfg, "model_type") == "mistral" and getattr(cfg, "sliding_window", None):
         return False
-    return all(hasattr(layer.self_attn, "head_dim") for layer in base.layers)
+    norms = [base.norm] + [n for layer in base.layers
+                           for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return all(hasattr(layer.self_attn, "head_dim") for layer in base.layers) and all(
+        hasattr(n, "variance_epsilon") and n.weight.dim() == 1 for n in norms)
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one fused op (its module is six small ones)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,7 +71,7 @@ def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
     for li, layer in enumerate(base.layers):
         attn = layer.self_attn
         d = attn.head_dim
-        h = layer.input_layernorm(x)
+        h = _norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(b, 1, -1, d).transpose(1, 2)
         k = attn.k_proj(h).view(b, 1, -1, d).transpose(1, 2)
         v = attn.v_proj(h).view(b, 1, -1, d).transpose(1, 2)
@@ -72,5 +80,5 @@ def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
                                            scale=attn.scaling,
                                            enable_gqa=k.shape[1] != q.shape[1])
         x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(base.norm(x))
+        x = x + layer.mlp(_norm(layer.post_attention_layernorm, x))
+    return model.lm_head(_norm(base.norm, x))

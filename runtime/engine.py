@@ -12,9 +12,12 @@ client went away, a stop string matched) or ran past its deadline, (2) admits qu
 while fewer than `max_batch` rows decode: each is prefilled alone and routed exactly as
 `generate` does, then joins the open DecodeBatch of its path (the per-token path and dense
 share one batch each; static class paths one per class), and (3) steps every open batch once.
-So a request's tokens are those it gets alone (greedy; up to float reordering), whatever else
-decodes beside it. The prefill and decode code is the runtime's own: nothing is re-implemented
-here.
+So a request's tokens are those it gets alone (greedy) up to float reordering, whatever else
+decodes beside it. The per-token path selects channels and vocabulary rows by top-k, so a
+reordering that moves a score across a selection boundary can change a later token (SmolLM2:
+results/serve_load_smollm2.md); `exact=True` gives every row a batch of its own (one batch-1
+forward per row and step, as `generate` runs), which is bit-for-bit the solo output at the cost
+of batching. The prefill and decode code is the runtime's own: nothing is re-implemented here.
 
 Callbacks (`Request.on_event`) run on the engine thread and must not block:
     ("token", token_id)            every generated token, the first one from the prefill
@@ -71,16 +74,17 @@ class Request:
 
 class Engine:
     """See the module docstring. `path`: the decode path of every request (None: the
-    session's default, the per-token path for a bundle that has one)."""
+    session's default, the per-token path for a bundle that has one); `exact`: decode every
+    row in a batch of its own (outputs bit-for-bit those of `generate`)."""
 
     def __init__(self, session, path: str | None = None, max_batch: int = 8,
-                 max_queue: int = 64):
+                 max_queue: int = 64, exact: bool = False):
         from .generate import path_kind
 
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.session, self.kind = session, path_kind(session, path)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.exact = max_batch, max_queue, exact
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._batches: dict = {}  # path key -> DecodeBatch
@@ -120,7 +124,8 @@ class Engine:
         with self._cv:
             queued = len(self._queue)
         return {"queued": queued, "decoding": len(self._owner), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "path": self.kind, **dict(self.counts)}
+                "max_queue": self.max_queue, "path": self.kind, "exact": self.exact,
+                **dict(self.counts)}
 
     # ------------------------------------------------------------------ engine thread
     def _run(self):
@@ -201,7 +206,7 @@ class Engine:
                 pre = _prefill(s, req.ids, opts)
                 path = _Path(s, pre.class_id, self.kind, None)
                 key = ("class", pre.class_id) if path.use_class else (self.kind,)
-                if not _batchable(pre.cache):  # sliding-window layers: a batch of its own
+                if self.exact or not _batchable(pre.cache):  # (sliding-window layers)
                     key = ("alone", id(req))
                 batch = self._batches.get(key)
                 if batch is None:

@@ -426,12 +426,13 @@ def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float 
 
 
 @contextmanager
-def pertoken_steps(pt):
-    """Forwards inside run on the per-token path; outside, the model is the plain dense model
+def pertoken_steps(pt, mode: str = "pertoken"):
+    """Forwards inside run on the per-token path (mode "full": the same kernels and loop at
+    full support, runtime.pertoken.PerToken); outside, the model is the plain dense model
     (prefill, dense and class paths never see the swapped modules)."""
     pt.stats.clear()
     pt.attach()
-    pt.mode = "pertoken"
+    pt.mode = mode
     try:
         yield pt
     finally:
@@ -440,13 +441,13 @@ def pertoken_steps(pt):
 
 
 def pertoken_logits(pt, model, ids, cache, mask=None, positions=None, keep_last=None,
-                    lean: bool | None = None) -> torch.Tensor:
+                    lean: bool | None = None, mode: str = "pertoken") -> torch.Tensor:
     """Logits [B, 1, V] of one decode step of `model` on the per-token path `pt`: Llama-family
     models (lean=None: runtime.decode_step.supports) run decode_step's plain loop over the
     same modules, others the HF forward. What run, eval's decode, bench and serve all time."""
     if lean is None:
         lean = decode_step_supports(model)
-    with pertoken_steps(pt):
+    with pertoken_steps(pt, mode):
         if lean:
             return decode_logits(model, ids, cache, mask, positions)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions,

@@ -98,7 +98,8 @@ def load_export(directory, bundle_seal: str | None = None):
     if bundle_seal is not None and man.get("bundle", {}).get("manifest_sha256") != bundle_seal:
         raise BundleError(f"ONNX export {directory} was made from another bundle")
     graphs = man.get("graphs")
-    if not isinstance(graphs, dict) or "step" not in graphs or any(
+    if not isinstance(man.get("paths"), list) or not isinstance(graphs, dict) or \
+            "step" not in graphs or any(
             not isinstance(g, dict) or not export.has(g.get("file", "")) for g in graphs.values()):
         raise BundleError(f"ONNX export {directory}: malformed graph table")
     return export
@@ -110,18 +111,26 @@ def _bundle_seal(session) -> str:
     return load_bundle(session.source, verify=False).manifest["manifest_sha256"]
 
 
-def ensure_export(session, path: str, note=None):
-    """The verified cached export of `session`'s `path` (made now if absent or corrupt)."""
+def _entry(path: str, classes: list[int] | None) -> str:
+    return path if classes is None else f"{path}-classes-{'_'.join(map(str, classes))}"
+
+
+def ensure_export(session, path: str, note=None, classes: list[int] | None = None):
+    """The verified cached export of `session`'s `path` (made now if absent or corrupt).
+    `classes`: only these classes' graphs (bench --classes); None: every class."""
     from cscompile.export_onnx import export_session
     from cscompile.models import cache_root
 
     note = note or (lambda text: print(f"cscompile: {text}", file=sys.stderr))
     seal = _bundle_seal(session)
     root = cache_root() / "onnx"
-    directory = root / f"{path}-{export_key(seal, path)}"
-    # the dense path needs only step.onnx, which every path's export holds
-    for held in (path,) + (("pertoken", "static") if path == "dense" else ()):
-        candidate = root / f"{held}-{export_key(seal, held)}"
+    name = _entry(path, classes)
+    directory = root / f"{name}-{export_key(seal, name)}"
+    # an export of every path ("all") holds this path too; the dense path needs only
+    # step.onnx, which every export holds
+    held = [name] + ([_entry("all", classes)] if path != "all" else []) + \
+        (["pertoken", "static", "all"] if path == "dense" else [])
+    for candidate in (root / f"{h}-{export_key(seal, h)}" for h in held):
         if candidate.exists():
             try:
                 return load_export(candidate, seal)
@@ -129,7 +138,7 @@ def ensure_export(session, path: str, note=None):
                 note(f"cached ONNX export unusable ({e}); exporting again")
     t0 = time.perf_counter()
     note(f"exporting the {path} path to ONNX in {directory} (once per bundle) ...")
-    export_session(session, directory, path, force=True)
+    export_session(session, directory, path, classes, force=True)
     note(f"exported in {time.perf_counter() - t0:.0f} s")
     return load_export(directory, seal)
 
@@ -145,10 +154,11 @@ class OnnxPaths:
 
     def export(self, path: str):
         if self.fixed is not None:
-            held = self.fixed.manifest["path"]
-            if path not in (held, "dense"):  # every export holds the dense step graph
-                raise UserInputError(f"ONNX export {self.fixed.path} holds the {held} path, "
-                                     f"not {path}: run it with --path {held} (or --path dense)")
+            held = self.fixed.manifest["paths"]
+            if path not in held:  # every export holds the dense step graph
+                raise UserInputError(f"ONNX export {self.fixed.path} holds the "
+                                     f"{' and '.join(held)} path{'s' * (len(held) > 1)}, "
+                                     f"not {path}: run it with --path {held[-1]}")
             return self.fixed
         if path not in self.exports:
             self.exports[path] = ensure_export(self.session, path)
@@ -245,7 +255,8 @@ def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float 
         raise UserInputError("refinement runs on torch only; drop it or use another backend")
     onnx = paths_of(session)
     if path is None and not dense and onnx.fixed is not None:
-        path = onnx.fixed.manifest["path"]  # a given export runs its own path by default
+        held = onnx.fixed.manifest["paths"]  # a given export runs a path it holds
+        path = session.default_path if session.default_path in held else held[-1]
     kind = path_kind(session, path, dense)
     _check_args(max_new_tokens, temperature, top_p)
     step, step_entry = onnx.graph(kind, "step")
@@ -345,3 +356,58 @@ def time_path(session, path: str, class_id: int | None, ids: torch.Tensor, new_t
             step_ms.append((t2 - t1) * 1e3 / new_tokens)
     return {"prefill_ms": _stats(prefill_ms), "decode_tok_s": _stats(tok_s),
             "step_ms": _stats(step_ms)}
+
+
+def bench_rows(session, prompts: dict, thread_counts: list, batch_sizes: list[int],
+               class_ids: list[int], new_tokens: int, repeats: int, warmup: int,
+               torch_rows: list[dict]) -> list[dict]:
+    """cscompile bench's rows for the onnxruntime backend: the dense step graph, each class's
+    reduced graph and the per-token graph (masks, so it reads every weight), in the same
+    schema as bench's torch rows; `speedup` is against the torch dense row of the same threads
+    and batch. The graphs are batch 1: other batch sizes get a skipped row."""
+    from cscompile.bench import touched_bytes
+
+    smap = session.smap
+    paths = ["dense", "static"] + (["pertoken"] if session.pertoken is not None else [])
+    export = ensure_export(session, "all", classes=class_ids)
+    dense_fp32 = touched_bytes(session.model)
+    runs = [("dense (onnxruntime)", "dense", None, smap.total_bytes, dense_fp32)]
+    for c in class_ids:
+        sup = session.classes[c].support
+        runs.append((f"class {c} (onnxruntime)", "static", c,
+                     smap.unprunable_bytes() + sup.kept_bytes(smap),
+                     dense_fp32 * (smap.unprunable_bytes() + sup.kept_bytes(smap))
+                     / smap.total_bytes))
+    if "pertoken" in paths:  # masks over every weight, plus the fp32 sketches
+        sketch = sum(e["bytes"] for f, e in export.manifest["files"].items()
+                     if f == "pertoken.onnx.data") - sum(
+            e["bytes"] for f, e in export.manifest["files"].items() if f == "step.onnx.data")
+        runs.append(("pertoken (onnxruntime, masks)", "pertoken", None,
+                     smap.total_bytes, dense_fp32 + max(0, sketch)))
+    rows = []
+    for nt, b in ((nt, b) for nt in thread_counts for b in batch_sizes):
+        if nt:
+            torch.set_num_threads(nt)
+        threads = torch.get_num_threads()
+        base = next((r for r in torch_rows if r.get("path") == "dense" and r["batch"] == b
+                     and r.get("threads") == threads and "decode_tok_s" in r), None)
+        for name, path, c, nbytes, fp32 in runs:
+            if b != 1:
+                rows.append({"threads": threads, "batch": b, "path": name, "class_id": c,
+                             "density": 1.0 if c is None else session.classes[c].density,
+                             "skipped": "the exported graphs are batch 1"})
+                continue
+            session.onnx = OnnxPaths(session)  # sessions made with this thread count
+            session.onnx.exports = {p: export for p in paths}
+            t = time_path(session, path, c, prompts[b], new_tokens, repeats, warmup)
+            med = t["decode_tok_s"]["median"]
+            rows.append({"threads": threads, "batch": b, "path": name, "class_id": c,
+                         "density": (session.pertoken.bytes()["fraction"] if path == "pertoken"
+                                     else 1.0 if c is None else session.classes[c].density),
+                         "prefill_on": "dense", **t, "weight_bytes": nbytes,
+                         "weight_bytes_fp32": fp32, "bytes_ratio": dense_fp32 / fp32,
+                         "bytes_ratio_storage": smap.total_bytes / nbytes,
+                         "speedup": med / base["decode_tok_s"]["median"] if base else None,
+                         "gbps": None, "backend": "onnxruntime"})
+    session.onnx = None
+    return rows

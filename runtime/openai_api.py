@@ -380,7 +380,7 @@ def _model_info(session, engine, ctx: int) -> dict:
     """What /v1/models says about the bundle: its default path, bytes per token, classes."""
     info = {"source": session.source, "is_bundle": session.is_bundle, "path": engine.kind,
             "context_length": ctx, "classes": len(session.classes),
-            "max_batch": engine.max_batch, "max_queue": engine.max_queue}
+            "max_batch": engine.max_batch, "max_queue": engine.max_queue, "exact": engine.exact}
     if session.pertoken is not None:
         nb = session.pertoken.bytes()
         info["pertoken"] = {"bytes_per_token": int(round(nb["bytes"])),

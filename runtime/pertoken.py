@@ -364,6 +364,7 @@ class _Stats:
 
 
 _ALL = None  # "every index" for the CPU kernels
+_DENSE = {"op": "dense"}  # what every part runs in mode "full"
 
 
 def _decode_rows(x: torch.Tensor) -> bool:
@@ -385,9 +386,10 @@ class _InputSparse(nn.Module):
 
     def forward(self, x):
         owner = self.owner
-        cfg = owner.cfg
-        if owner.rt.mode == "dense":
+        mode = owner.rt.mode
+        if mode == "dense":
             return self.linear(x)
+        cfg = owner.cfg if mode == "pertoken" else _DENSE
         cpu = owner.rt.cpu
         on_kernels = cpu is not None and _decode_rows(x)
         if on_kernels and owner.last is not None and owner.last[0] is x:
@@ -463,15 +465,21 @@ class _SparseFFN(nn.Module):
         return self.act(self.gate(x)) * u if self.gate is not None else self.act(u)
 
     def forward(self, x):
-        cfg = self.cfg
-        op = cfg["op"]
-        if self.rt.mode == "dense":
+        mode = self.rt.mode
+        if mode == "dense":
             return self.mlp(x)
+        cfg = self.cfg if mode == "pertoken" else _DENSE
+        op = cfg["op"]
         if op == "dense":
             cpu = self.rt.cpu
-            if cpu is not None and _decode_rows(x) and self.li in cpu.ffn and self.silu:
-                b = x.shape[0]
-                return cpu.ffn_fused(self.li, x.reshape(b, -1), None).view(b, 1, -1).to(x.dtype)
+            if cpu is not None and _decode_rows(x) and self.li in cpu.ffn:
+                b, w = x.shape[0], cpu.ffn[self.li]
+                if "g" in w and self.silu:
+                    y = cpu.ffn_fused(self.li, x.reshape(b, -1), None)
+                else:  # a teal/wina layer's input-major copies, every input and channel
+                    flat = x.reshape(b, -1).float()
+                    y = cpu.down(self.li, cpu.ffn_inputs(self.li, flat, None, self.act), None)
+                return y.view(b, 1, -1).to(x.dtype)
             return self.mlp(x)
         width = self.down.weight.shape[1]
         k = count(cfg.get("keep", 1.0), width)
@@ -544,9 +552,10 @@ class _SparseHead(nn.Module):
         self.bias = getattr(head, "bias", None)
 
     def forward(self, h):
-        cfg = self.rt.plan["lm_head"]
-        if self.rt.mode == "dense":
+        mode = self.rt.mode
+        if mode == "dense":
             return self.head(h)
+        cfg = self.rt.plan["lm_head"] if mode == "pertoken" else _DENSE
         if cfg["op"] == "dense":
             cpu = self.rt.cpu
             if cpu is not None and _decode_rows(h):
@@ -597,7 +606,10 @@ class PerToken:
     """The per-token path installed on a Hugging Face causal LM (see the module docstring).
 
     mode "dense" leaves every swapped module computing what the original did (prefill, the
-    dense baseline); mode "pertoken" applies the plan at every position of every forward.
+    dense baseline); mode "pertoken" applies the plan at every position of every forward;
+    mode "full" runs every part at full support on the same kernels and decode loop (the
+    runtime's batch > 1 steps: there the rows' union support is nearly every weight, so the
+    plan saves no reads and costs quality and selection time).
     """
 
     def __init__(self, model: nn.Module, smap: StructureMap, plan: dict,

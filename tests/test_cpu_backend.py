@@ -20,14 +20,14 @@ PLANS = {
 }
 
 
-def _decode(model, smap, plan, sk, backend, ids, prefix):
+def _decode(model, smap, plan, sk, backend, ids, prefix, mode="pertoken"):
     pt = PerToken(model, smap, plan, sk, backend=backend)
     cache = DynamicCache(config=model.config)
     try:
         with torch.no_grad():
             pt.mode = "dense"
             model(input_ids=ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True)
-            pt.mode = "pertoken"
+            pt.mode = mode
             steps = [model(input_ids=ids[:, t:t + 1], **cache_kwargs(model, cache),
                            use_cache=True).logits for t in range(prefix, ids.shape[1])]
         return torch.cat(steps, 1), {k: v.clone() for k, v in pt.missed().items()}
@@ -90,3 +90,20 @@ def test_batch1_sketch_ffn_takes_the_fused_kernel(stories, monkeypatch):
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     _decode(loaded.model, smap, plan, sk, "cpu", ids, 8)
     assert len(calls) == 4 * len(smap.layers)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+@pytest.mark.parametrize("name", ["sketch", "teal"])
+def test_full_mode_is_the_dense_model_on_the_kernels(stories, name):
+    """Mode "full" (bench's dense row): every weight, whatever layout the plan's operators
+    left the kernels; equal to the dense model."""
+    loaded, smap = stories
+    model = loaded.model
+    sk = sketch(model, smap, bits=3, seed=0)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    got, missed = _decode(model, smap, uniform_plan(smap, **PLANS[name]), sk, "cpu", ids, 8,
+                          mode="full")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[:, 8:]
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert not missed  # nothing selected, nothing missed

@@ -47,8 +47,8 @@ def _tiny_qwen2(folder: Path, tokenizer_dir: Path) -> Path:
 
 @pytest.fixture(scope="module", params=["stories260K", "qwen2"])
 def case(request, stories_dir, tmp_path_factory):
-    """(torch session, {path: export dir}, bundle): the bundle's per-token export and the
-    static export of the class the test prompt routes to (both hold the dense step graph)."""
+    """(torch session, export dir, bundle, export report): the bundle's every path, its static
+    path for the class the test prompt routes to."""
     root = tmp_path_factory.mktemp(f"onnx-{request.param}")
     model = stories_dir if request.param == "stories260K" else _tiny_qwen2(root / "model",
                                                                            stories_dir)
@@ -56,11 +56,10 @@ def case(request, stories_dir, tmp_path_factory):
     run_build(str(model), EXAMPLES, bundle, progress=False, budget=0.6, classes=2, seed=0)
     session = load(bundle, backend="torch", device="cpu")
     routed = session.generate(PROMPT, max_new_tokens=1, path="static").class_id
-    exports = {"pertoken": root / "pertoken", "static": root / "static"}
-    reports = {"pertoken": export_session(session, exports["pertoken"], "pertoken"),
-               "static": export_session(session, exports["static"], "static", routed)}
-    exports["dense"] = exports["pertoken"]
-    return session, exports, bundle, reports
+    # one directory with every path (the step graph once), the routed class only: exports
+    # cost ~10 s a graph here, and they are the bulk of this file's time
+    report = export_session(session, root / "all", "all", routed)
+    return session, root / "all", bundle, report
 
 
 def _torch_steps(session, kind: str, ids: list[int]):
@@ -107,9 +106,9 @@ def _ort_steps(session, kind: str, ids: list[int], tokens: list[int]):
 
 @pytest.mark.parametrize("kind", ["dense", "static", "pertoken"])
 def test_onnxruntime_logits_equal_torch(case, kind):
-    session, exports, _, _ = case
+    session, export, _, _ = case
     ids = list(session.tokenizer(PROMPT)["input_ids"])
-    ob.use_export(session, exports[kind])
+    ob.use_export(session, export)
     try:
         cls, ref, tokens = _torch_steps(session, kind, ids)
         cls_ort, got = _ort_steps(session, kind, ids, tokens)
@@ -127,10 +126,10 @@ def test_onnxruntime_logits_equal_torch(case, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "static", "pertoken"])
 def test_greedy_generate_identical(case, kind):
-    session, exports, bundle, _ = case
+    session, export, bundle, _ = case
     want = session.generate(PROMPT, max_new_tokens=STEPS + 1, path=kind)
     ort = load(bundle, backend="onnxruntime")
-    ob.use_export(ort, exports[kind])
+    ob.use_export(ort, export)
     got = ort.generate(PROMPT, max_new_tokens=STEPS + 1, path=kind)
     assert got.token_ids == want.token_ids and got.text == want.text
     assert (got.path, got.class_id, got.finish_reason) == (want.path, want.class_id,
@@ -142,41 +141,43 @@ def test_greedy_generate_identical(case, kind):
             assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
 
 
-def test_exports_are_sealed_deterministic_and_labelled(case):
-    session, exports, bundle, reports = case
-    man = json.loads((exports["static"] / "manifest.json").read_text())
-    files = {p.name for p in exports["static"].iterdir()} - {"manifest.json"}
+def test_export_is_sealed_and_labelled(case):
+    session, export, bundle, report = case
+    man = json.loads((export / "manifest.json").read_text())
+    files = {p.name for p in export.iterdir()} - {"manifest.json"}
     assert set(man["files"]) == files and man["opset"] == 18 and man["kind"] == \
         "cscompile-onnx-export"
     cls = man["classes"][0]
-    assert set(man["graphs"]) == {"step", f"class_{cls}"}
-    assert (exports["static"] / "step.onnx.data").read_bytes()[:9] == b"cscompile"
-    # two separate exports wrote the same dense step graph: byte-identical
-    for name in ("step.onnx", "step.onnx.data"):
-        assert (exports["static"] / name).read_bytes() == (exports["pertoken"] / name).read_bytes()
+    assert man["paths"] == ["dense", "static", "pertoken"]
+    assert set(man["graphs"]) == {"step", f"class_{cls}", "pertoken"}
+    assert (export / "step.onnx.data").read_bytes()[:9] == b"cscompile"  # never pickle-like
+    g = report["graphs"]
     # the class graph is physically reduced: fewer weight bytes than the dense step
-    g = reports["static"]["graphs"]
     assert g[f"class_{cls}"]["data_bytes"] < g["step"]["data_bytes"]
-    assert all(c["max_abs_diff_logits"] <= TOL for r in reports.values()
-               for gr in r["graphs"].values() for c in gr["check"].values())
-    rep = reports["pertoken"]
-    assert rep["pertoken"]["execution"] == MASKED and "reads every weight byte" in MASKED
-    assert "TopK" in rep["graphs"]["pertoken"]["op_types"]
-    assert rep["graphs"]["pertoken"]["outputs"][-1].startswith("missed.")
+    assert all(c["max_abs_diff_logits"] <= TOL for gr in g.values() for c in gr["check"].values())
+    assert report["pertoken"]["execution"] == MASKED and "reads every weight byte" in MASKED
+    assert "TopK" in g["pertoken"]["op_types"] and "TopK" not in g["step"]["op_types"]
+    assert g["pertoken"]["outputs"][-1].startswith("missed.")
 
 
 def test_cli_export_json_is_deterministic(case, tmp_path):
-    session, exports, bundle, _ = case
+    """Another export (the CLI's, --path dense) writes the same step graph, byte for byte."""
+    session, export, bundle, _ = case
     if session.model.config.model_type != "qwen2":
         pytest.skip("one CLI export (the smaller model) is enough")
     r = CliRunner().invoke(main, ["export", str(bundle), "-o", str(tmp_path / "d"),
                                   "--path", "dense", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert report["path"] == "dense" and set(report["graphs"]) == {"step"}
+    assert report["paths"] == ["dense"] and set(report["graphs"]) == {"step"}
     assert report["graphs"]["step"]["opsets"] == {"ai.onnx": 18}
     for name in ("step.onnx", "step.onnx.data"):
-        assert (tmp_path / "d" / name).read_bytes() == (exports["static"] / name).read_bytes()
+        assert (tmp_path / "d" / name).read_bytes() == (export / name).read_bytes()
+    # an export of one path does not run another
+    _one_line_error(CliRunner().invoke(main, ["run", str(bundle), "--prompt", PROMPT,
+                                              "--backend", "onnxruntime", "--onnx",
+                                              str(tmp_path / "d"), "--path", "static"]),
+                    "holds the dense path, not static")
 
 
 def _one_line_error(result, *fragments):
@@ -187,7 +188,7 @@ def _one_line_error(result, *fragments):
 
 
 def test_bad_input_is_one_line(case, tmp_path):
-    session, exports, bundle, _ = case
+    session, export, bundle, _ = case
     run = CliRunner().invoke
     _one_line_error(run(main, ["export", str(bundle), "-o", str(tmp_path / "a"),
                                "--path", "static", "--class", "7"]), "unknown class 7")
@@ -199,10 +200,10 @@ def test_bad_input_is_one_line(case, tmp_path):
                                "--format", "tflite"]), "--format")
     _one_line_error(run(main, ["export", str(tmp_path), "-o", str(tmp_path / "a")]),
                     "not a bundle")
-    _one_line_error(run(main, ["export", str(bundle), "-o", str(exports["static"])]), "exists")
+    _one_line_error(run(main, ["export", str(bundle), "-o", str(export)]), "exists")
     # a corrupt export is refused before it runs
     bad = tmp_path / "corrupt"
-    shutil.copytree(exports["static"], bad)
+    shutil.copytree(export, bad)
     data = next(bad.glob("class_*.onnx.data"))
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -210,17 +211,14 @@ def test_bad_input_is_one_line(case, tmp_path):
     args = ["run", str(bundle), "--prompt", PROMPT, "--max-new-tokens", "3"]
     _one_line_error(run(main, args + ["--backend", "onnxruntime", "--onnx", str(bad)]),
                     "ONNX export", "modified")
-    _one_line_error(run(main, args + ["--onnx", str(exports["static"])]), "--backend onnxruntime")
-    _one_line_error(run(main, args + ["--backend", "onnxruntime", "--onnx", str(exports["static"]),
-                                      "--path", "pertoken"]), "holds the static path")
+    _one_line_error(run(main, args + ["--onnx", str(export)]), "--backend onnxruntime")
 
 
 def test_cli_run_on_onnxruntime(case):
-    session, exports, bundle, _ = case
+    session, export, bundle, _ = case
     args = ["run", str(bundle), "--prompt", PROMPT, "--max-new-tokens", "8", "--path", "pertoken"]
     want = CliRunner().invoke(main, args + ["--backend", "torch"])
-    got = CliRunner().invoke(main, args + ["--backend", "onnxruntime", "--onnx",
-                                           str(exports["pertoken"])])
+    got = CliRunner().invoke(main, args + ["--backend", "onnxruntime", "--onnx", str(export)])
     assert got.exit_code == 0 and want.exit_code == 0, got.output
     assert got.stdout == want.stdout
 
@@ -228,15 +226,15 @@ def test_cli_run_on_onnxruntime(case):
 def test_cache_entry_is_verified_and_reexported(case, tmp_path, monkeypatch):
     """run --backend onnxruntime exports into the cache once; a cached entry that fails its
     hashes is exported again (export_session stubbed: it copies a good export)."""
-    session, exports, bundle, _ = case
+    session, export, bundle, _ = case
     monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path))
     calls = []
 
-    def fake_export(sess, out, path, force=False):
+    def fake_export(sess, out, path, classes=None, force=False):
         calls.append(path)
         if Path(out).exists():
             shutil.rmtree(out)
-        shutil.copytree(exports[path], out)
+        shutil.copytree(export, out)
 
     monkeypatch.setattr("cscompile.export_onnx.export_session", fake_export)
     first = ob.ensure_export(session, "pertoken", note=lambda text: None)
@@ -249,9 +247,9 @@ def test_cache_entry_is_verified_and_reexported(case, tmp_path, monkeypatch):
 
 
 def test_bench_timing_on_onnxruntime(case):
-    session, exports, _, _ = case
+    session, export, _, _ = case
     ids = torch.tensor([session.tokenizer(PROMPT)["input_ids"]])
-    ob.use_export(session, exports["pertoken"])
+    ob.use_export(session, export)
     try:
         t = ob.time_path(session, "pertoken", None, ids, new_tokens=3, repeats=1, warmup=0)
     finally:

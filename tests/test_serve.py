@@ -253,6 +253,21 @@ def test_a_request_joining_mid_decode_equals_its_solo_output(server, ref):
     assert b.choices[0].text == want_b and b.model_extra["cscompile"]["batch_size"] == 2
 
 
+def test_exact_mode_decodes_each_row_alone(bundle, ref):
+    """--exact: concurrent requests still interleave step by step, each a batch-1 forward."""
+    s = Server(load(bundle), max_batch=4, exact=True)
+    try:
+        want = [ref.generate(p, max_new_tokens=12).text for p in PROMPTS[:4]]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: s.client.completions.create(
+                model="stories", prompt=p, max_tokens=12, temperature=0), PROMPTS[:4]))
+        assert [r.choices[0].text for r in got] == want
+        assert {r.model_extra["cscompile"]["batch_size"] for r in got} == {1}
+        assert s.health()["exact"] is True
+    finally:
+        s.stop()
+
+
 # ----------------------------------------------------------------------------- bad input
 BAD = [
     (b"{not json", 400, "invalid_json"),
