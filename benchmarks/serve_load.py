@@ -1,8 +1,9 @@
 """Load test of `cscompile serve` on loopback: throughput, latency and memory vs concurrency,
 dense vs the bundle's default path, then a fault run; writes results/serve_load_<name>.{md,json}.
 
-    python benchmarks/serve_load.py BUNDLE                  # default protocol, ~10 min on 2 cores
-    python benchmarks/serve_load.py BUNDLE --levels 1:8,4:16 --paths default --quick-fault
+    python benchmarks/serve_load.py BUNDLE          # dense and default path, ~9 min on 2 cores
+    # then the default path under --exact, appended to the same results:
+    python benchmarks/serve_load.py BUNDLE --paths default:exact --levels 1:8,4:32,16:64 --fault-requests 0 --add-to
 
 For each path (`--paths`, "default" = the bundle's own default path) this script starts
 `cscompile serve BUNDLE --path P` as a subprocess (the server process), warms it up, and then,
@@ -207,7 +208,8 @@ def run_level(served: Served, prompts, concurrency: int, n: int, max_tokens: int
             "ttft_p50_s": round(pct(ttft, 50), 3) if ttft else None,
             "ttft_p99_s": round(pct(ttft, 99), 3) if ttft else None,
             "mean_batch_size": round(statistics.mean(batch), 2) if batch else None,
-            "rss_start_mb": round(rss0 / 2**20, 1), "rss_end_mb": round(served.rss_now() / 2**20, 1),
+            "rss_start_mb": round(rss0 / 2**20, 1),
+            "rss_end_mb": round(served.rss_now() / 2**20, 1),
             "texts": [[i, r["text"]] for i, r in recs if r["ok"]]}
 
 
@@ -289,7 +291,8 @@ def markdown(report: dict) -> str:
              f"{report['date']}, {report['machine']}. Bundle `{a['bundle']}` "
              f"({report['bundle_info']}).", "",
              "## Protocol", "",
-             " and ".join(f"`{c['command']}` ({c['total_s']:.0f} s)" for c in report["commands"])
+             "; ".join(f"`{c['command']}` ({c['total_s']:.0f} s, {c.get('started', '?')}, code "
+                       f"{c.get('code', '?')})" for c in report["commands"])
              + f". Server: `cscompile serve BUNDLE --path P [--exact] --max-batch "
              f"{a['max_batch']} --max-queue {a['max_queue']}` in its own process with "
              f"OMP_NUM_THREADS={a['server_threads']}; the clients run in this (second) process, "
@@ -319,11 +322,15 @@ def markdown(report: dict) -> str:
                 f"{lv['mean_batch_size']} | {lv['rss_start_mb']:.0f}→{lv['rss_end_mb']:.0f} | "
                 f"{lv['same_as_solo']} |")
     lines += ["", "\"= solo text\": of the requests whose prompt was also sent at concurrency "
-              "1 (decoded alone), how many streamed the identical greedy text.", "",
-              "## Memory", ""]
+              "1 (decoded alone, as `cscompile run` decodes), how many streamed the identical "
+              "greedy text.", "",
+              "## Memory", "",
+              "RSS of the server process; \"max\" includes the two warm-up requests, \"after "
+              "warm-up\" is sampled after them.", ""]
     for run in report["runs"]:
         m = run["rss_mb"]
-        lines.append(f"* {run['path']}{' --exact' if run.get('exact') else ''}: server RSS after warm-up {m['after_warmup']:.0f} MB, "
+        name = run["path"] + (" --exact" if run.get("exact") else "")
+        lines.append(f"* {name}: server RSS after warm-up {m['after_warmup']:.0f} MB, "
                      f"max {m['max']:.0f} MB, at the end {m['end']:.0f} MB "
                      f"(startup {run['startup_s']:.0f} s).")
     f = report.get("fault")

@@ -58,7 +58,7 @@ class Request:
     queue_timeout_s: float | None = None  # from submission to a decode slot
     submitted: float = field(default_factory=time.monotonic)
     admitted: float | None = None
-    cancelled: bool = False  # set by the caller from any thread; the row leaves before the next step
+    cancelled: bool = False  # set from any thread; the row leaves before the next step
 
     def cancel(self):
         self.cancelled = True

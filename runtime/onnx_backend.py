@@ -24,7 +24,6 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,10 +35,12 @@ from .generate import (Result, _eos_ids, _prompt_ids, _Streamer, _check_args, pa
 
 
 def available() -> tuple[bool, str]:
+    from cscompile.export_onnx import require_onnx
+
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        return False, f"onnxruntime is not installed ({e}); install cscompile's [onnx] extra"
+        require_onnx()  # the export runs in this process on first use
+    except UserInputError as e:
+        return False, str(e)
     return True, ""
 
 
@@ -137,7 +138,8 @@ def ensure_export(session, path: str, note=None, classes: list[int] | None = Non
             except BundleError as e:
                 note(f"cached ONNX export unusable ({e}); exporting again")
     t0 = time.perf_counter()
-    note(f"exporting the {path} path to ONNX in {directory} (once per bundle) ...")
+    what = "every path" if path == "all" else f"the {path} path"
+    note(f"exporting {what} to ONNX in {directory} (once per bundle) ...")
     export_session(session, directory, path, classes, force=True)
     note(f"exported in {time.perf_counter() - t0:.0f} s")
     return load_export(directory, seal)

@@ -19,6 +19,7 @@ from cscompile.runtime import load
 from cscompile.runtime import onnx_backend as ob
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
 PROMPT = "Once upon a time, a little fox"
 STEPS = 16
