@@ -44,6 +44,12 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
 def providers() -> list[str]:
     import onnxruntime as ort
 
@@ -410,6 +416,7 @@ def bench_rows(session, prompts: dict, thread_counts: list, batch_sizes: list[in
                          "weight_bytes_fp32": fp32, "bytes_ratio": dense_fp32 / fp32,
                          "bytes_ratio_storage": smap.total_bytes / nbytes,
                          "speedup": med / base["decode_tok_s"]["median"] if base else None,
-                         "gbps": None, "backend": "onnxruntime"})
+                         "gbps": None, "backend": "onnxruntime", "provider": providers()[0],
+                         "onnxruntime": _ort_version()})
     session.onnx = None
     return rows
