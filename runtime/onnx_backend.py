@@ -158,7 +158,7 @@ class OnnxPaths:
     def __init__(self, session, fixed=None):
         self.session, self.fixed = session, fixed
         self.exports: dict[str, object] = {}
-        self.graphs: dict[tuple[str, str], object] = {}
+        self.graphs: dict[tuple[str, str], tuple] = {}
 
     def export(self, path: str):
         if self.fixed is not None:
@@ -174,9 +174,9 @@ class OnnxPaths:
 
     def graph(self, path: str, name: str):
         """(ort session, manifest entry) of graph `name` of `path`'s export."""
-        key = (path, name)
+        export = self.export(path)
+        key = (str(export.path), name)  # paths sharing an export share its sessions
         if key not in self.graphs:
-            export = self.export(path)
             entry = export.manifest["graphs"].get(name)
             if entry is None:
                 raise BundleError(f"ONNX export {export.path} has no graph {name}")
