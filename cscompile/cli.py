@@ -212,6 +212,10 @@ def print_bundle_summary(path, console: Console) -> None:
 
     bundle = load_bundle(path)  # raises BundleError on tampering or version mismatch
     man, rep = bundle.manifest, bundle.report
+    if man.get("kind") == "cscompile-onnx-export":  # written by cscompile export
+        from .export_onnx import print_export_summary
+
+        return print_export_summary(bundle, console)
     sizes = {name: info["bytes"] for name, info in man["files"].items()}
     console.print(f"bundle {path}: model {man['source'].get('model_id')} "
                   f"(weights sha256 {str(man['source'].get('weight_hash'))[:12]}...), "

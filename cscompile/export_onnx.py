@@ -547,6 +547,22 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def print_export_summary(export, console) -> None:
+    """`cscompile inspect EXPORT_DIR`: the verified export's paths and graphs."""
+    man, files = export.manifest, export.manifest["files"]
+    console.print(f"ONNX export {export.path}: {', '.join(man.get('paths', []))} of bundle "
+                  f"{man['bundle'].get('model_id')} (manifest "
+                  f"{str(man['bundle'].get('manifest_sha256'))[:12]}...), opset {man['opset']}, "
+                  f"{sum(e['bytes'] for e in files.values()) / 1e6:.1f} MB in {len(files)} "
+                  f"files — hashes verified")
+    for name, g in man["graphs"].items():
+        mb = sum(files.get(f, {}).get("bytes", 0) for f in (g["file"], g["data"])) / 1e6
+        console.print(f"  {g['file']}: {g['role']}, {mb:.2f} MB, kv heads {g['kv_heads']}")
+    labels = export.report.get("pertoken")
+    if labels:
+        console.print(f"  per-token graph: {labels['execution']}")
+
+
 @click.command("export")
 @click.argument("bundle")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),

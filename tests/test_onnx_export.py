@@ -159,6 +159,8 @@ def test_export_is_sealed_and_labelled(case):
     assert report["pertoken"]["execution"] == MASKED and "reads every weight byte" in MASKED
     assert "TopK" in g["pertoken"]["op_types"] and "TopK" not in g["step"]["op_types"]
     assert g["pertoken"]["outputs"][-1].startswith("missed.")
+    shown = CliRunner().invoke(main, ["inspect", str(export)])
+    assert shown.exit_code == 0 and "hashes verified" in shown.stdout, shown.output
 
 
 def test_cli_export_json_is_deterministic(case, tmp_path):
@@ -247,12 +249,26 @@ def test_cache_entry_is_verified_and_reexported(case, tmp_path, monkeypatch):
     assert calls == ["pertoken", "pertoken"]
 
 
-def test_bench_timing_on_onnxruntime(case):
+def test_bench_rows_on_onnxruntime(case, tmp_path, monkeypatch):
+    """cscompile bench --onnxruntime's rows (export stubbed with the fixture's): dense, the
+    class and the per-token graph at batch 1, a skipped row at batch 2."""
     session, export, _, _ = case
+    monkeypatch.setenv("CSCOMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr("cscompile.export_onnx.export_session",
+                        lambda sess, out, path, classes=None, force=False:
+                        shutil.copytree(export, out))
+    cls = json.loads((export / "manifest.json").read_text())["classes"]
     ids = torch.tensor([session.tokenizer(PROMPT)["input_ids"]])
-    ob.use_export(session, export)
-    try:
-        t = ob.time_path(session, "pertoken", None, ids, new_tokens=3, repeats=1, warmup=0)
-    finally:
-        session.onnx = None
-    assert t["decode_tok_s"]["median"] > 0 and t["prefill_ms"]["median"] > 0
+    dense = {"path": "dense", "batch": 1, "threads": torch.get_num_threads(),
+             "decode_tok_s": {"median": 10.0}}
+    rows = ob.bench_rows(session, {1: ids, 2: ids.repeat(2, 1)}, [None], [1, 2], cls, 3, 1, 0,
+                         [dense])
+    one = [r for r in rows if r["batch"] == 1]
+    assert [r["path"] for r in one] == ["dense (onnxruntime)", f"class {cls[0]} (onnxruntime)",
+                                        "pertoken (onnxruntime, masks)"]
+    assert all(r["decode_tok_s"]["median"] > 0 and r["prefill_ms"]["median"] > 0 and
+               r["speedup"] == pytest.approx(r["decode_tok_s"]["median"] / 10.0) for r in one)
+    assert one[1]["weight_bytes"] < one[0]["weight_bytes"]
+    assert one[2]["weight_bytes_fp32"] > one[0]["weight_bytes_fp32"]  # masks: every byte + sketches
+    assert all("skipped" in r for r in rows if r["batch"] == 2)
+    assert session.onnx is None
