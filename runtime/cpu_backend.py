@@ -11,9 +11,10 @@ the fp32 the torch model computes in is exact for those values, so nothing is lo
   [width, hidden] (kept channels' columns as rows) — `ffn_sparse` fuses the three at batch 1
   with SiLU, `rows_gemv` + `gather_gemv` otherwise; FFN "teal": gate^T, up^T, down^T;
 * lm_head "sketch": the rows of the exact head (`rows_gemv` on the candidates).
-Selection (top-k, the sketches' rotation) stays in torch in runtime.pertoken; these methods
-take the masks it chose and read only the rows the union of the batch's masks keeps, each
-row's output equal to its own masked product (rows outside its mask are zeroed in x).
+Selection happens in runtime.pertoken: at batch 1 on the C++ selection kernels (top-k, the
+sketches' rotation and int8 sketch estimate, cpu_kernels), at batch > 1 in torch. These methods
+take what it chose and read only the rows the union of the batch's masks keeps, each row's
+output equal to its own masked product (rows outside its mask are zeroed in x).
 Operators without a kernel here (cats, oracle, fixed — benchmarks only) run the torch path.
 """
 

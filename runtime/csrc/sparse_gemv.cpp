@@ -14,6 +14,9 @@
 //                                              y[b] = sum_i silu(wg[j].x[b]) (wu[j].x[b]) wd_t[j]
 //   sketch_gemv  packed int32 [N, ceil(K/vpw)], scales fp16 [N, ceil(K/group)]
 //                                              y[b, n] = sum_k scale(n,k) (code(n,k) - half) x[b, k]
+//   sketch_q8    the same for one row, x rounded to int8 per group, codes as bit planes
+//   select / rotate / sketch_select            the batch-1 decode step's selection (top-k and
+//                                              its missed share, the sketches' rotation)
 // Weights are fp32, bf16 (raw uint16 bits; bf16 -> fp32 is a 16-bit shift) or int8 (scale per
 // output). x is fp32 [B, K] contiguous, B small (1..16). Threads: at::get_num_threads(); dense /
 // rows / sketch split output rows, gather splits N into contiguous slices (no atomics), the
