@@ -2,7 +2,7 @@
 
 One run measures, for each thread count and batch size: the read bandwidth (a streaming byte
 sum over a 256 MiB buffer), torch's dense GEMV (F.linear, fp32 and bf16), our dense_gemv, and
-gather_gemv / rows_gemv / ffn_sparse at 50% and 25% kept, sketch_gemv at 2/3/4 bits, at
+gather_gemv / rows_gemv / ffn_sparse at 50% and 25% kept, sketch_gemv at 2/3/4 bits (and sketch_q8, the int8 kernel a batch-1 step runs), at
 SmolLM2-135M shapes and two 7B-like shapes. Every op of one (shape, threads, batch) group is
 timed in interleaved rounds (so the ratios compare like with like on a noisy, shared machine),
 each call on the next of several weight copies whose kept bytes together exceed the L3 cache (a
@@ -215,6 +215,13 @@ def bench_sketch(label, n, k, threads, batch, gen, args, bw):
         nm = f"sketch_gemv {bits}b"
         ops[nm] = (lambda sets, bits: lambda i: C.sketch_gemv(*sets[i % len(sets)], x, bits, SKETCH_GROUP, k))(sets, bits)
         meta[nm] = (f"sketch_gemv {bits}b g{SKETCH_GROUP}", "packed", None, nbytes, "dense_gemv bf16")
+        if batch == 1 and C.planes_fit(bits, SKETCH_GROUP, k):  # what a batch-1 step runs
+            planes = [(C.sketch_planes(p, bits, k), sc) for p, sc in sets]
+            nm = f"sketch_q8 {bits}b"
+            ops[nm] = (lambda planes, bits: lambda i: C.sketch_q8(
+                *planes[i % len(planes)], x, bits, SKETCH_GROUP, k))(planes, bits)
+            meta[nm] = (f"sketch_q8 {bits}b g{SKETCH_GROUP}", "planes", None, nbytes,
+                        "dense_gemv bf16")
     res = time_group(ops, args.rounds, args.round_s, args.min_calls)
     return [row(label, op, dname, keep, threads, batch, res[nm], nbytes, bw, res[ref] if ref else None,
                 nbytes_dense=dbytes) for nm, (op, dname, keep, nbytes, ref) in meta.items()]

@@ -118,13 +118,15 @@ def _environment(device: torch.device) -> tuple[dict, dict]:
 
 def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
               repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False,
-              progress=True, onnxruntime=False) -> dict:
+              progress=True, onnxruntime=False, int8=False) -> dict:
     """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows.
     progress=False: nothing on stderr (else a bar where someone watches, cscompile.progress).
     onnxruntime: also rows for the bundle's ONNX export on onnxruntime (runtime.onnx_backend;
-    exported into the cache on first use)."""
+    exported into the cache on first use). int8: also the CPU kernels' rows (every weight,
+    per-token) with int8 weights (runtime.cpu_backend.quantize_rows), on a second session."""
     from cscompile.progress import bar, status
     from cscompile.runtime import load
+    from cscompile.runtime.pertoken import dense_plan, plan_bytes
 
     batch_sizes = [int(b) for b in batch_sizes]
     # threads: one count, a list of them (each timed in turn), or None for torch's default
@@ -169,6 +171,19 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             # every weight on the same kernels and decode loop: what the backend alone gains
             paths.append(("dense (cpu kernels)", ("full", True, pt), session.model,
                           smap.total_bytes, dense_fp32))
+        if int8:
+            if pt is None or pt.cpu is None:
+                raise UserInputError("--int8 benches a bundle's per-token path on the CPU "
+                                     "kernels: this target has none here")
+            s8 = load(target, device=device, weights="int8")
+            pt8 = s8.pertoken
+            dense8 = plan_bytes(dense_plan(smap), pt8.shapes)["bytes"]
+            scale = smap.total_bytes / pt.bytes()["dense_bytes"]  # plan bytes -> storage bytes
+            paths.append(("dense int8 (cpu kernels)", ("full", True, pt8), s8.model,
+                          dense8 * scale, dense8 * scale * dense_fp32 / smap.total_bytes))
+            nb8 = pt8.bytes()["bytes"]
+            paths.append(("pertoken int8 (cpu kernels)", ("pertoken", True, pt8), s8.model,
+                          nb8 * scale, nb8 * scale * dense_fp32 / smap.total_bytes))
         if pt is not None:  # the per-token path on its kernels, and as torch masks
             nb = pt.bytes()
             for kernels in ([True, False] if pt.cpu is not None else [False]):
@@ -220,8 +235,14 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                     med = t["decode_tok_s"]["median"]
                     dense_tok_s = med if cid is None else dense_tok_s
                     static = isinstance(cid, int)
-                    density = (1.0 if on_pt and cid[0] == "full" else
-                               path_pt.bytes()["fraction"] if on_pt else
+                    runs_full = on_pt and (cid[0] == "full" or
+                                           (cid[1] and path_pt.step_mode(b) == "full"))
+                    if runs_full:  # a kernel step of several rows reads every weight
+                        full = plan_bytes(dense_plan(smap), path_pt.shapes)["bytes"]
+                        nbytes = full * smap.total_bytes / pt.bytes()["dense_bytes"]
+                        fp32 = nbytes * dense_fp32 / smap.total_bytes
+                    # per-token rows: of the dense storage bytes (int8 rows below 1 at full)
+                    density = (nbytes / smap.total_bytes if on_pt else
                                session.classes[cid].density if static else 1.0)
                     row = {"threads": torch.get_num_threads(), "batch": b, "path": name,
                            "class_id": cid if static else None,
@@ -391,9 +412,12 @@ from cscompile.errors import friendly_errors  # noqa: E402
 @click.option("--onnxruntime", is_flag=True,
               help="Also time the bundle's ONNX export on onnxruntime (batch 1; exported "
                    "into the cache on first use).")
+@click.option("--int8", is_flag=True,
+              help="Also time the CPU kernels with int8 weights (every weight, and the "
+                   "per-token path): sparsity and quantization together.")
 @friendly_errors
 def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup, threads,
-          json_out, device, overhead, onnxruntime):
+          json_out, device, overhead, onnxruntime, int8):
     """Time prefill and decode of TARGET (a bundle: dense and each class; a model: dense)."""
     import json
     from pathlib import Path
@@ -404,7 +428,7 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                        warmup=warmup, device=device, overhead=overhead,
-                       onnxruntime=onnxruntime,
+                       onnxruntime=onnxruntime, int8=int8,
                        threads=parse_int_list(threads, "--threads") if threads else None,
                        progress=not json_out)  # --json: stderr stays quiet too
     text = json.dumps(result, indent=2)

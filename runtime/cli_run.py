@@ -26,6 +26,8 @@ def _stats_line(r) -> str:
     n = len(r.densities)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     widened = sum(1 for x in r.refinements if x["action"] == "widen")
+    kv = (f" | KV kept {r.kv_positions}/{r.prompt_tokens} prompt positions"
+          if r.kv_positions is not None else "")
     if r.path == "pertoken":
         worst = {k: max((m.get(k, 0.0) for m in r.missed), default=0.0)
                  for k in ("qkv", "o", "ffn", "lm_head")}
@@ -35,14 +37,21 @@ def _stats_line(r) -> str:
                 f"{r.prefill_s * 1e3:.1f} ms | {len(r.token_ids)} new tok, decode "
                 f"{r.decode_tokens_per_s:.1f} tok/s (batch {r.batch_size}) | "
                 f"{mean(r.bytes_per_token) / 1e6:.3f} MB/token = {mean(r.densities):.3f} of "
-                f"dense over {n} steps | missed (mean/worst step): {missed} | "
+                f"dense over {n} steps | missed (mean/worst step): {missed}{kv} | "
                 f"stop: {r.finish_reason}")
     return (f"class {r.class_id} ({r.path} path) | prompt {r.prompt_tokens} tok, prefill "
             f"{r.prefill_s * 1e3:.1f} ms | {len(r.token_ids)} new tok, decode "
             f"{r.decode_tokens_per_s:.1f} tok/s (batch {r.batch_size}) | mean density "
             f"{mean(r.densities):.3f}, "
             f"{mean(r.bytes_per_token) / 1e6:.3f} MB/token over {n} steps | refinements "
-            f"{len(r.refinements)} ({widened} widened) | stop: {r.finish_reason}")
+            f"{len(r.refinements)} ({widened} widened){kv} | stop: {r.finish_reason}")
+
+
+def _fraction(option: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserInputError(f"{option} must be a number in (0, 1], got {text!r}") from None
 
 
 def _stdin_is_terminal() -> bool:
@@ -124,6 +133,10 @@ def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
               help="Decode path [default: pertoken when the bundle has one, else static]: "
                    "per-token sparse, the routed static class path, or dense.")
 @click.option("--dense", is_flag=True, help="Same as --path dense.")
+@click.option("--kv-budget", "kv_budget", default="1.0", show_default=True,
+              help="Fraction of the prompt's KV positions kept for decode: attention sinks, a "
+                   "recent window and the rest by SnapKV-like importance; the others are cut "
+                   "from the cache (1 = keep every position, the unreduced path).")
 @click.option("--stats", is_flag=True, help="Print class, density, speed and bytes to stderr.")
 @click.option("--compare", is_flag=True,
               help="Answer each prompt on the dense model and on the bundle's default path, "
@@ -140,10 +153,14 @@ def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="With --backend onnxruntime: run this export directory (cscompile export "
                    "BUNDLE -o DIR) instead of the cached export; it must be from this bundle.")
+@click.option("--weights", type=click.Choice(["int8"]), default=None,
+              help="The per-token path's CPU kernels read int8 copies of the weights (one "
+                   "scale per output): about half the bytes of bf16, slightly different "
+                   "numbers (default: the bundle's storage dtype).")
 @friendly_errors
 @hide_third_party_warnings  # consumes --verbose
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
-        top_p, seed, chat, path, dense, stats, compare, backend, onnx_dir):
+        top_p, seed, chat, path, dense, kv_budget, stats, compare, backend, onnx_dir, weights):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
@@ -152,7 +169,9 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
     bundle's default path, and compares their speed and bytes.
     """
     from . import load
+    from .kv_reduce import check_kv_budget
 
+    kv_budget = check_kv_budget(_fraction("--kv-budget", kv_budget))  # before the model load
     if prompt is not None and input_path is not None:
         raise UserInputError("give either --prompt or --input, not both")
     if output_path is not None and input_path is None:
@@ -174,16 +193,19 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         click.echo(STDIN_HINT, err=True)  # else the terminal just waits, saying nothing
     if onnx_dir is not None and backend != "onnxruntime":
         raise UserInputError("--onnx DIR runs an ONNX export: give --backend onnxruntime")
-    session = load(target, backend=backend)
+    session = load(target, backend=backend, weights=weights)
     if onnx_dir is not None:
         from .onnx_backend import use_export
 
         use_export(session, onnx_dir)
+    if kv_budget < 1 and backend == "onnxruntime":
+        raise UserInputError("--kv-budget below 1 runs on the torch runtime, not --backend "
+                             "onnxruntime")
     if compare and not session.is_bundle:
         raise UserInputError(f"--compare needs a bundle: {target} is a model, which runs "
                              f"dense only")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-               chat=chat, dense=dense, path=path)
+               chat=chat, dense=dense, path=path, kv_budget=kv_budget)
 
     if rows is not None:
         out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout

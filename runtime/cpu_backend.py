@@ -2,7 +2,8 @@
 
 `CpuWeights(model, smap, plan, dtype)` keeps, for the operators the plan uses, one copy of
 each weight in the layout its kernel reads, in the bundle's storage dtype (bf16 for SmolLM2:
-the fp32 the torch model computes in is exact for those values, so nothing is lost):
+the fp32 the torch model computes in is exact for those values, so nothing is lost) or in
+int8 with one scale per output (`--weights int8`: sparsity and quantization compose):
 
 * q/k/v (input-sparse): one input-major matrix [hidden, q+k+v] per layer, so one pass over
   the kept inputs' rows computes all three projections (`gather_gemv`);
@@ -41,7 +42,26 @@ def _union(keep: torch.Tensor) -> torch.Tensor:
     return keep.any(0).nonzero().view(-1).to(torch.int32)
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row of W [N, K]: (q int8 [N, K], scale float32 [N]) with
+    W ~= q * scale[:, None], scale = max|W[n]| / 127 (1 for an all-zero row)."""
+    w = w.detach().float()
+    s = w.abs().amax(1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s.contiguous()
+
+
+def dequantized(w: torch.Tensor) -> torch.Tensor:
+    """What an int8 copy of W [N, K] multiplies by (the tests' reference weights)."""
+    q, s = quantize_rows(w)
+    return (q.float() * s[:, None]).to(w.dtype)
+
+
 class CpuWeights:
+    """The kernels' weight copies (see the module docstring). dtype torch.int8 stores every
+    matrix as int8 with one fp32 scale per output (quantize_rows: the same numbers whatever
+    layout a matrix is copied into), which halves the bytes of bf16 again."""
+
     def __init__(self, model, smap, plan: dict, dtype: torch.dtype):
         self.dtype = dtype
         self.qkv_t, self.qkv_split, self.qkv_bias, self.o_t, self.o_bias = {}, {}, {}, {}, {}
@@ -51,65 +71,86 @@ class CpuWeights:
             a, f = layer.attention, layer.ffn
             # every layer, dense parts too: they run the same kernels on the storage dtype
             ws = [model.get_submodule(p) for p in (a.q, a.k, a.v)]
-            self.qkv_t[li] = self._copy(torch.cat([m.weight.detach() for m in ws]).T)
+            self.qkv_t[li] = self._copy(torch.cat([m.weight.detach() for m in ws]), "t")
             self.qkv_split[li] = [m.weight.shape[0] for m in ws]
             if any(m.bias is not None for m in ws):
                 self.qkv_bias[li] = torch.cat([
                     m.bias.detach().float() if m.bias is not None
                     else torch.zeros(m.weight.shape[0]) for m in ws])
             o = model.get_submodule(a.o)
-            self.o_t[li] = self._copy(o.weight.detach().T)
+            self.o_t[li] = self._copy(o.weight.detach(), "t")
             self.o_bias[li] = None if o.bias is None else o.bias.detach().float()
             op = cfg["ffn"]["op"]
             if op in ("sketch", "teal", "wina", "dense") and f.gated and _no_bias(model, f):
                 g, u, d = (model.get_submodule(p).weight.detach() for p in (f.gate, f.up, f.down))
                 if op in ("sketch", "dense"):
-                    self.ffn[li] = {"op": op, "g": self._copy(g), "u": self._copy(u),
-                                    "d_t": self._copy(d.T)}
+                    self.ffn[li] = {"op": op, "g": self._copy(g, "rows"),
+                                    "u": self._copy(u, "rows"), "d_t": self._copy(d, "t")}
                 else:
-                    self.ffn[li] = {"op": op, "g_t": self._copy(g.T), "u_t": self._copy(u.T),
-                                    "d_t": self._copy(d.T)}
+                    self.ffn[li] = {"op": op, "g_t": self._copy(g, "t"), "u_t": self._copy(u, "t"),
+                                    "d_t": self._copy(d, "t")}
         from .pertoken import output_head
 
-        self.head = self._copy(output_head(model).weight.detach())
+        self.head = self._copy(output_head(model).weight.detach(), "rows")
 
-    def _copy(self, w: torch.Tensor) -> torch.Tensor:
-        return w.to(self.dtype).contiguous()
+    def _copy(self, w: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(copy of W [N, K] in the kernel's layout, per-output scale or None): "rows" keeps
+        W row-major, "t" stores W^T [K, N] (input-major)."""
+        scale = None
+        if self.dtype == torch.int8:
+            w, scale = quantize_rows(w)
+        else:
+            w = w.to(self.dtype)
+        return (w.T if layout == "t" else w).contiguous(), scale
 
     # ------------------------------------------------------------------ operators
     def qkv(self, li: int, x: torch.Tensor, keep: torch.Tensor | None = None,
             idx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[q, k, v] for rows x [B, H] keeping inputs `keep` [B, H] (or, for one row, the
         sorted int32 indices `idx`: the kernel gathers x[:, idx] itself)."""
-        y = K.gather_gemv(self.qkv_t[li], *_masked(x, keep, idx))
+        wt, s = self.qkv_t[li]
+        y = K.gather_gemv(wt, *_masked(x, keep, idx), scale=s)
         if li in self.qkv_bias:
             y = y + self.qkv_bias[li]
         return list(y.split(self.qkv_split[li], dim=-1))
 
     def o(self, li: int, x: torch.Tensor, keep: torch.Tensor | None = None,
           idx: torch.Tensor | None = None) -> torch.Tensor:
-        y = K.gather_gemv(self.o_t[li], *_masked(x, keep, idx))
+        wt, s = self.o_t[li]
+        y = K.gather_gemv(wt, *_masked(x, keep, idx), scale=s)
         return y if self.o_bias[li] is None else y + self.o_bias[li]
 
-    def ffn_fused(self, li: int, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """One row, SiLU: the three rows of each kept channel in one pass (ffn_sparse)."""
+    def ffn_fused(self, li: int, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """SiLU FFN over kept channels idx (None: all): one pass over the three rows of each
+        (ffn_sparse) for float weights; int8 has no fused kernel: rows, SiLU, gather."""
         w = self.ffn[li]
-        return K.ffn_sparse(w["g"], w["u"], w["d_t"], x.float(), idx)
+        (g, sg), (u, su), (d, sd) = w["g"], w["u"], w["d_t"]
+        x = x.float()
+        if sg is None:
+            return K.ffn_sparse(g, u, d, x, idx)
+        h = torch.nn.functional.silu(K.rows_gemv(g, x, idx, sg)) * K.rows_gemv(u, x, idx, su)
+        if idx is None:
+            return K.gather_gemv(d, h, None, sd)
+        full = torch.zeros(x.shape[0], g.shape[0])
+        full[:, idx.long()] = h
+        return K.gather_gemv(d, full, idx, sd)
 
     def head_exact(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return K.rows_gemv(self.head, h.float(), idx)
+        w, s = self.head
+        return K.rows_gemv(w, h.float(), idx, s)
 
     def ffn_channels(self, li: int, x: torch.Tensor, cand: torch.Tensor, k: int, act,
                      silu: bool):
         """Sketch op: exact h on each row's candidate channels, the top k of them kept (all,
         when there are k), then down over the kept: (y [B, H], keep [B, W])."""
         w = self.ffn[li]
+        (g, sg), (u, su), (d, sd) = w["g"], w["u"], w["d_t"]
         x = x.float()
         n_cand = int(cand[0].sum())
         if x.shape[0] == 1 and n_cand == k and silu:
-            return K.ffn_sparse(w["g"], w["u"], w["d_t"], x, _union(cand)), cand
+            return self.ffn_fused(li, x, _union(cand)), cand
         idx = _union(cand)
-        h_idx = act(K.rows_gemv(w["g"], x, idx)) * K.rows_gemv(w["u"], x, idx)
+        h_idx = act(K.rows_gemv(g, x, idx, sg)) * K.rows_gemv(u, x, idx, su)
         h = torch.zeros(x.shape[0], cand.shape[1], dtype=torch.float32)
         h[:, idx.long()] = h_idx
         h = h * cand
@@ -119,22 +160,30 @@ class CpuWeights:
 
             keep = topk_mask(h.abs().masked_fill(~cand, -1.0), k)
             h = h * keep
-        return K.gather_gemv(w["d_t"], h, _union(keep)), keep
+        return K.gather_gemv(d, h, _union(keep), sd), keep
+
+    def gate_up(self, li: int, x: torch.Tensor, idx: torch.Tensor | None):
+        """teal/wina op: (gate(x), up(x)) from the kept inputs idx (None: all) of rows x."""
+        w = self.ffn[li]
+        (g, sg), (u, su) = w["g_t"], w["u_t"]
+        return K.gather_gemv(g, x, idx, sg), K.gather_gemv(u, x, idx, su)
 
     def ffn_inputs(self, li: int, x: torch.Tensor, x_keep: torch.Tensor | None, act):
         """teal/wina op, first half: h = act(gate(x_kept)) * up(x_kept) over every channel
         (x_keep None: every input)."""
-        w = self.ffn[li]
-        xm, idx = _masked(x, x_keep, _ALL)
-        return act(K.gather_gemv(w["g_t"], xm, idx)) * K.gather_gemv(w["u_t"], xm, idx)
+        g, u = self.gate_up(li, *_masked(x, x_keep, _ALL))
+        return act(g) * u
 
-    def down(self, li: int, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        return K.gather_gemv(self.ffn[li]["d_t"], *_masked(h, keep, _ALL))
+    def down(self, li: int, h: torch.Tensor, keep: torch.Tensor | None = None,
+             idx: torch.Tensor | None = None) -> torch.Tensor:
+        d, sd = self.ffn[li]["d_t"]
+        return K.gather_gemv(d, *_masked(h, keep, idx), scale=sd)
 
     def head_rows(self, h: torch.Tensor, cand: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
         """est with each row's candidates replaced by their exact logits."""
         idx = _union(cand)
-        exact = K.rows_gemv(self.head, h.float(), idx)
+        w, s = self.head
+        exact = K.rows_gemv(w, h.float(), idx, s)
         out = est.clone()
         cols = idx.long()
         out[:, cols] = torch.where(cand[:, cols], exact, est[:, cols])

@@ -42,6 +42,11 @@ Operators (x is float32 [B, K], B = 1..16 typical; all accumulate in fp32, retur
                                              channels by |silu(ĝ) û| from two sketches
                                              (runtime.pertoken.Sketch, as planes) on a rotated
                                              row, and the share of that estimate's energy they miss
+* ``rms_norm(x, w, eps)``, ``rope(x, cos, sin)``, ``attention_row(q, k, v, scale)``
+                                             the rest of a batch-1 decode step (RMSNorm, rotate-
+                                             half RoPE in place, one query row's grouped-query
+                                             attention over its cache), one call each where
+                                             torch runs 5-15 small ops (runtime/decode_step.py)
 * ``read_bandwidth(buf)``                    sum of buf's bytes (a streaming read, used by
                                              benchmarks/cpu_kernels.py to measure bandwidth)
 
@@ -74,12 +79,14 @@ __all__ = [
     "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
     "select_topk_reference", "rotate_reference", "sketch_select_reference",
     "quantize_x_reference", "sketch_q8_reference", "planes_codes",
+    "rms_norm", "rope", "attention_row", "rms_norm_reference", "rope_reference",
+    "attention_row_reference",
 ]
 
 ENV = "CSCOMPILE_CPU_KERNELS"  # "0" forces the torch fallback
 _ENV_KEY = ENV.encode()
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]
 FLAGS_PORTABLE = ["-O3", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]  # if -march=native fails
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -143,7 +150,8 @@ def build_root() -> Path:
 
 
 _FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_select", "csc_rotate",
-          "csc_sketch_select", "csc_sketch_q8", "csc_abi_version", "csc_has_avx2")
+          "csc_sketch_select", "csc_sketch_q8", "csc_rmsnorm", "csc_rope", "csc_attention",
+          "csc_abi_version", "csc_has_avx2")
 
 
 def _bind(mod):
@@ -366,6 +374,28 @@ def sketch_select_reference(sg, su, xr: torch.Tensor, k: int) -> tuple[torch.Ten
     g = sketch_gemv_reference(sg.packed, sg.scales, x, sg.bits, sg.group, x.shape[1])
     u = sketch_gemv_reference(su.packed, su.scales, x, su.bits, su.group, x.shape[1])
     return select_topk_reference(F.silu(g) * u, k)
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * w / sqrt(mean(x^2) + eps) over the last dimension, float32 (LlamaRMSNorm)."""
+    x = x.float()
+    return w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [..., d] with cos, sin [d] (transformers' apply_rotary_pos_emb)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def attention_row_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """One query row's attention: q [Hq, d] over k, v [Hkv, L, d] (GQA) -> float32 [Hq * d]."""
+    d = k.shape[-1]
+    o = F.scaled_dot_product_attention(q.float().view(1, -1, 1, d), k.float()[None],
+                                       v.float()[None], scale=scale,
+                                       enable_gqa=q.numel() // d != k.shape[0])
+    return o.reshape(-1)
 
 
 def read_bandwidth_reference(buf: torch.Tensor) -> int:
@@ -707,3 +737,48 @@ def read_bandwidth(buf: torch.Tensor) -> int:
     if lib is None:
         return read_bandwidth_reference(buf)
     return int(lib.csc_read(buf.data_ptr(), buf.numel() * buf.element_size(), _threads()))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * w / sqrt(mean(x^2) + eps) over the last dimension -> float32, x's shape; w float32."""
+    lib = _lib()
+    n = x.shape[-1]
+    if w.dtype is not _F32 or w.numel() != n or not w.is_contiguous():
+        raise ValueError(f"w must be contiguous float32 [{n}]")
+    if lib is None or x.dtype is not _F32 or not x.is_contiguous() or not x.is_cpu:
+        return rms_norm_reference(x, w, eps)
+    y = torch.empty_like(x)
+    lib.csc_rmsnorm(x.data_ptr(), x.numel() // n, n, w.data_ptr(), float(eps), y.data_ptr())
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of every head of x [..., d] (one position: cos, sin float32 [d]); rotates
+    x in place when it is contiguous float32 and returns it (else a rotated copy)."""
+    lib = _lib()
+    d = x.shape[-1]
+    if cos.numel() != d or sin.numel() != d or d % 2:
+        raise ValueError(f"cos and sin must have {d} (even) elements")
+    if lib is None or x.dtype is not _F32 or not x.is_contiguous() or not x.is_cpu or \
+            cos.dtype is not _F32 or sin.dtype is not _F32 or not cos.is_contiguous() or \
+            not sin.is_contiguous():
+        return rope_reference(x, cos.reshape(-1), sin.reshape(-1))
+    lib.csc_rope(x.data_ptr(), x.numel() // d, d, cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def attention_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row's attention over its cache: q [Hq, d] (any shape, numel Hq * d), k, v
+    [Hkv, L, d] with Hkv dividing Hq (grouped-query) -> float32 [Hq * d], heads in order."""
+    lib = _lib()
+    hkv, length, d = k.shape
+    if v.shape != k.shape or q.numel() % (hkv * d):
+        raise ValueError(f"k and v must be [Hkv, L, d] alike and q [Hq, {d}] with Hkv | Hq")
+    fast = lib is not None and all(t.dtype is _F32 and t.is_contiguous() and t.is_cpu
+                                   for t in (q, k, v))
+    if not fast:
+        return attention_row_reference(q, k, v, scale)
+    o = torch.empty(q.numel())
+    lib.csc_attention(q.data_ptr(), q.numel() // d, hkv, d, k.data_ptr(), v.data_ptr(), length,
+                      float(scale), o.data_ptr(), _threads())
+    return o

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels as K
+
 # Families whose decoder layer is exactly: x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)));
 # x += mlp(n2 x), with RMSNorm and rotate-half RoPE (Qwen2's q/k/v biases live in the modules).
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -52,11 +54,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
-                  position_ids=None) -> torch.Tensor:
+                  position_ids=None, kernels: bool = False) -> torch.Tensor:
     """Logits [B, 1, vocab] of one new token per row, appending its K/V to `cache`.
 
     attention_mask [B, past + 1] (1 = attend) hides left padding of a batch; position_ids
-    [B, 1] default to the cache length (every row unpadded)."""
+    [B, 1] default to the cache length (every row unpadded). kernels: a float32 CPU model's
+    unmasked batch-1 step runs RMSNorm, RoPE and attention on runtime.cpu_kernels (one call
+    each instead of 5-15 torch ops; the per-token path's CPU backend sets it)."""
     base = model.model
     x = base.embed_tokens(input_ids)
     b = x.shape[0]
@@ -64,10 +68,13 @@ def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
         position_ids = torch.full((b, 1), cache.get_seq_length(), dtype=torch.long,
                                   device=x.device)
     cos, sin = base.rotary_emb(x, position_ids)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1 head, 1, head_dim]
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.bool()[:, None, None, :]
+    if kernels and b == 1 and mask is None and x.dtype == torch.float32 and x.is_cpu:
+        return _row_step(model, x, cache, cos.reshape(-1).contiguous(),
+                         sin.reshape(-1).contiguous())
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1 head, 1, head_dim]
     for li, layer in enumerate(base.layers):
         attn = layer.self_attn
         d = attn.head_dim
@@ -82,3 +89,25 @@ def decode_logits(model, input_ids: torch.Tensor, cache, attention_mask=None,
         x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
         x = x + layer.mlp(_norm(layer.post_attention_layernorm, x))
     return model.lm_head(_norm(base.norm, x))
+
+
+def _row_step(model, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor):
+    """decode_logits' loop for one unmasked row [1, 1, hidden] with the norms, RoPE and
+    attention on the CPU kernels (the same numbers up to float summation order)."""
+    base = model.model
+    for li, layer in enumerate(base.layers):
+        attn = layer.self_attn
+        d = attn.head_dim
+        h = _norm_k(layer.input_layernorm, x)
+        q = K.rope(attn.q_proj(h).reshape(-1, d), cos, sin)
+        k = K.rope(attn.k_proj(h).reshape(-1, d), cos, sin)
+        v = attn.v_proj(h).reshape(1, -1, 1, d)
+        keys, values = cache.update(k.view(1, -1, 1, d), v, li)
+        o = K.attention_row(q, keys[0], values[0], attn.scaling)
+        x = x + attn.o_proj(o.view(1, 1, -1))
+        x = x + layer.mlp(_norm_k(layer.post_attention_layernorm, x))
+    return model.lm_head(_norm_k(base.norm, x))
+
+
+def _norm_k(norm, x: torch.Tensor) -> torch.Tensor:
+    return K.rms_norm(x, norm.weight.detach(), norm.variance_epsilon)

@@ -24,6 +24,9 @@ Semantics (torch backend):
     are not read); its steps are charged the bytes they read and may widen the same way.
 This is what a no-cache recomputation gives when positions < prompt length run dense and each
 generated position runs on the support chosen for it (tests/test_runtime.py checks that).
+With kv_budget < 1 (runtime.kv_reduce) the prefill cache keeps only that fraction of the
+prompt's positions (sinks, a recent window, SnapKV-like importance) and every decode step
+passes position_ids from the true prompt length on; at 1.0 nothing changes.
 
 Batches (`generate_batch(session, prompts, batch_size=8, ...)`, results in input order):
   * each prompt is prefilled alone (batch 1) and routed, exactly as `generate` does, so its
@@ -36,6 +39,9 @@ Batches (`generate_batch(session, prompts, batch_size=8, ...)`, results in input
     gives for it (up to float reordering; greedy ids are identical on stories260K in fp32).
     Grouping, not the union of the chunk's supports: the union reads more bytes than either
     class and changes each row's outputs vs its single-prompt path, grouping keeps them;
+  * the per-token path's chunk: as torch masks each row keeps its own supports; on the CPU
+    kernels a step of several rows reads every weight (PerToken.step_mode: their union is
+    nearly all of it), so its rows decode the dense model's tokens, charged dense bytes;
   * static class paths batch in both executions (compact: the class's reduced copy with the
     stacked cache sliced once; masked: the hooks, applied to every row alike). A chunk decodes
     as soon as it is full, so about (groups x batch_size) prefill caches are held at once. A
@@ -67,6 +73,7 @@ from cscompile.errors import UserInputError
 
 from .decode_step import decode_logits
 from .decode_step import supports as decode_step_supports
+from .kv_reduce import check_kv_budget, reduce_prompt_cache
 from .refine import (InputSparsity, RefineConfig, energy_fraction, measurement_bytes,
                      refined_support_bytes,
                      teal_select)
@@ -94,6 +101,8 @@ class Result:
     missed: list[dict] = None  # per decode step on the per-token path: per part (qkv, o,
     # ffn, lm_head) the worst layer's estimate of what the support missed (energy share off
     # the support; for lm_head the sketch's probability mass off the candidates)
+    kv_positions: int | None = None  # prompt positions left in the KV cache after a
+    # kv_budget < 1 reduction (runtime.kv_reduce); None = every prompt position kept
 
     def __post_init__(self):
         if self.missed is None:
@@ -288,18 +297,23 @@ class _Options:
     eos: set[int]
     keep_last: dict
     ctx: int | None
+    kv_budget: float = 1.0  # fraction of the prompt's KV positions kept (runtime.kv_reduce)
 
     def generator(self, device) -> torch.Generator | None:
         return torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
 
 
-def _options(session, max_new_tokens, temperature, top_p, seed, refine) -> _Options:
+def _options(session, max_new_tokens, temperature, top_p, seed, refine,
+             kv_budget: float = 1.0) -> _Options:
     _check_args(max_new_tokens, temperature, top_p)
+    kv_budget = check_kv_budget(kv_budget)
+    if kv_budget < 1 and refine is not None and refine.active:
+        raise UserInputError("a kv budget below 1 does not combine with refinement")
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
         session.model.forward).parameters else {}
     return _Options(max_new_tokens, temperature, top_p, seed,
                     refine if refine is not None and refine.active else None,
-                    _eos_ids(session), keep_last, session.context_length)
+                    _eos_ids(session), keep_last, session.context_length, kv_budget)
 
 
 def _prompt_ids(session, prompt, chat: bool) -> list[int]:
@@ -321,6 +335,15 @@ class _Prefilled:
     cache: object  # DynamicCache of the dense model, batch 1
     prefill_s: float
     pooled: torch.Tensor | None = None  # router feature, mean over the prompt [1, hidden]
+    kv_positions: int | None = None  # positions left in `cache` after KV reduction (None:
+    # not reduced); decode steps then pass position_ids from len(ids) on
+
+    def positions(self, generated: int, device) -> torch.Tensor | None:
+        """position_ids [1, 1] of the step that feeds generated token number `generated`
+        (1-based) on a reduced cache; None on an unreduced one (the cache length is right)."""
+        if self.kv_positions is None:
+            return None
+        return torch.tensor([[len(self.ids) + generated - 1]], device=device)
 
 
 def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
@@ -341,8 +364,11 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
     class_id = None
     if session.is_bundle:
         class_id = int(session.router.classify(hooks.pooled.cpu())[0])
+    kept = None
+    if opts.kv_budget < 1:  # after the router hook is gone: importance runs more forwards
+        kept = reduce_prompt_cache(model, ids, cache, opts.kv_budget)
     return _Prefilled(ids, class_id, out.logits[0, -1], cache, time.perf_counter() - t0,
-                      hooks.pooled.cpu() if hooks else None)
+                      hooks.pooled.cpu() if hooks else None, kept)
 
 
 PATHS = ("pertoken", "static", "dense")
@@ -378,8 +404,7 @@ class _Path:
         self.pertoken = session.pertoken if kind == "pertoken" else None
         self.lean_step = self.pertoken is not None and decode_step_supports(session.model)
         if self.pertoken is not None:
-            nb = self.pertoken.bytes()
-            self.pertoken_bytes, self.pertoken_fraction = int(round(nb["bytes"])), nb["fraction"]
+            self.pertoken_fraction, self.pertoken_bytes = self.pertoken_step(1)
         self.use_class = class_id is not None and kind == "static"
         self.cls = session.classes[class_id] if self.use_class else None
         self.compact = (session.compact_model(class_id) if self.use_class and refine is None
@@ -393,6 +418,11 @@ class _Path:
             self.attn_bytes = sup.kept_bytes(smap) - sum(
                 len(sup.channels.get(li, range(smap.layers[li].ffn.width)))
                 * smap.channel_bytes(li) for li in self.kept_layers if smap.layers[li].ffn)
+
+    def pertoken_step(self, rows: int) -> tuple[float, int]:
+        """(fraction of dense, weight bytes) a per-token step of `rows` rows reads."""
+        nb = self.pertoken.bytes(rows)
+        return nb["fraction"], int(round(nb["bytes"]))
 
     @property
     def name(self) -> str:
@@ -409,17 +439,19 @@ def _result(session, pre: _Prefilled, path: _Path, generated, densities, energy,
         refinements=log, prefill_s=pre.prefill_s, decode_s=decode_s,
         tokens_per_s=len(generated) / max(pre.prefill_s + decode_s, 1e-9),
         decode_tokens_per_s=n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
-        finish_reason=finish, batch_size=batch_size, missed=missed or [])
+        finish_reason=finish, batch_size=batch_size, missed=missed or [],
+        kv_positions=pre.kv_positions)
 
 
 @torch.no_grad()
 def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, chat: bool = False,
              dense: bool = False, refine: RefineConfig | None = None, stream=None,
-             path: str | None = None) -> Result:
-    """Prefill dense, route, then decode on the chosen path (see the module docstring)."""
+             path: str | None = None, kv_budget: float = 1.0) -> Result:
+    """Prefill dense, route, then decode on the chosen path (see the module docstring);
+    kv_budget < 1 keeps that fraction of the prompt's KV positions (runtime.kv_reduce)."""
     kind = path_kind(session, path, dense)
-    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget)
     pre = _prefill(session, _prompt_ids(session, prompt, chat), opts)
     return _decode_one(session, pre, _Path(session, pre.class_id, kind, opts.refine), opts,
                        stream)
@@ -447,9 +479,9 @@ def pertoken_logits(pt, model, ids, cache, mask=None, positions=None, keep_last=
     same modules, others the HF forward. What run, eval's decode, bench and serve all time."""
     if lean is None:
         lean = decode_step_supports(model)
-    with pertoken_steps(pt, mode):
+    with pertoken_steps(pt, pt.step_mode(ids.shape[0], mode)):
         if lean:
-            return decode_logits(model, ids, cache, mask, positions)
+            return decode_logits(model, ids, cache, mask, positions, kernels=pt.cpu is not None)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions,
                      **cache_kwargs(model, cache), use_cache=True, **(keep_last or {})).logits
 
@@ -514,14 +546,16 @@ def _decode_one(session, pre: _Prefilled, path: _Path, opts: _Options, stream) -
             if hooks:
                 hooks.mode = mode
             step_in = torch.tensor([[token]], device=dev)
+            pos = pre.positions(len(generated), dev)  # None unless the KV cache was reduced
             if path.pertoken is not None:
-                logits, (m,) = _pertoken_step(path, model, step_in, cache, keep_last=keep_last)
+                logits, (m,) = _pertoken_step(path, model, step_in, cache, positions=pos,
+                                              keep_last=keep_last)
                 missed.append(m)
                 record(path.pertoken_fraction, 1.0 - m.get("ffn", 0.0), path.pertoken_bytes)
                 token = sample(logits[0, -1], opts.temperature, opts.top_p, gen)
                 continue
             out = step_model(input_ids=step_in, **cache_kwargs(step_model, cache), use_cache=True,
-                             **keep_last)
+                             **({"position_ids": pos} if pos is not None else {}), **keep_last)
             if mode == "dense":
                 record(1.0, 1.0, path.total_bytes)
             elif mode == "input":
@@ -742,12 +776,13 @@ class DecodeBatch:
         else:
             logits = run().logits
         done = []
+        step_bytes = path.pertoken_step(n) if row_missed is not None else None
         for i, r in enumerate(rows):
             r.batch_size = max(r.batch_size, n)
             if row_missed is not None:
                 r.missed.append(row_missed[i])
-                stats = (path.pertoken_fraction, 1.0 - row_missed[i].get("ffn", 0.0),
-                         path.pertoken_bytes)
+                fraction, nbytes = step_bytes
+                stats = (fraction, 1.0 - row_missed[i].get("ffn", 0.0), nbytes)
             elif path.use_class:
                 e = (min((float(t[i]) for t in self.hooks.row_energy.values()), default=1.0)
                      if self.hooks else None)
@@ -786,9 +821,11 @@ def _decode_chunk(session, rows: list[_Prefilled], path: _Path, opts: _Options,
 def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                    chat: bool = False, dense: bool = False, refine: RefineConfig | None = None,
-                   stream=None, path: str | None = None) -> list[Result]:
+                   stream=None, path: str | None = None,
+                   kv_budget: float = 1.0) -> list[Result]:
     """Generate for every prompt, batching rows routed to the same path (see the module
     docstring); results in input order. `stream`, if given, is called as stream(index, text).
+    With kv_budget < 1 every row decodes alone (reduced caches keep their own positions).
 
     A chunk decodes as soon as it holds `batch_size` rows, so at most about
     (groups x batch_size) prefill caches are held at once."""
@@ -797,7 +834,7 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
     if batch_size < 1:
         raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
     kind = path_kind(session, path, dense)
-    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine)
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget)
     all_ids = []
     for i, prompt in enumerate(prompts):  # refuse bad input before any compute
         try:
@@ -825,7 +862,8 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
     for i, ids in enumerate(all_ids):
         pre = _prefill(session, ids, opts)
         row_path = _Path(session, pre.class_id, kind, opts.refine)
-        if batch_size == 1 or (row_path.use_class and opts.refine) or not _batchable(pre.cache):
+        if batch_size == 1 or (row_path.use_class and opts.refine) or not _batchable(pre.cache) \
+                or pre.kv_positions is not None:
             results[i] = _decode_one(session, pre, row_path, opts, stream_for(i))
             continue
         key = ("class", pre.class_id) if row_path.use_class else (kind,)

@@ -36,6 +36,7 @@ token in the storage dtype, measurement (sketch words and scales, column norms) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -130,10 +131,17 @@ class Shapes:
     ffn_width: list[int]
     gated: list[bool]
     other_bytes: int  # what every token reads besides the matrices: norms, biases, 1 embedding row
+    # bytes per matrix element as the kernels store it (int8: 1 + its per-output fp32 scale,
+    # at most 4 / hidden per element); 0: elsize
+    matrix_elsize: float = 0.0
 
     @property
     def n_layers(self) -> int:
         return len(self.qkv_out)
+
+    def int8(self) -> "Shapes":
+        """The same model with its matrices stored as int8 + one fp32 scale per output."""
+        return dataclasses.replace(self, matrix_elsize=1 + 4 / self.hidden)
 
     @classmethod
     def of(cls, model: nn.Module, smap: StructureMap, elsize: int | None = None) -> "Shapes":
@@ -216,7 +224,8 @@ def head_bytes(cfg: dict, hidden: int, vocab: int, el: int, bits: int, group: in
 
 def plan_bytes(plan: dict, shapes: Shapes) -> dict:
     """Weight bytes one token reads under `plan`, per part, and as a fraction of dense."""
-    bits, group, el = plan["sketch"]["bits"], plan["sketch"]["group"], shapes.elsize
+    bits, group = plan["sketch"]["bits"], plan["sketch"]["group"]
+    el = shapes.matrix_elsize or shapes.elsize
     h = shapes.hidden
     parts = {"qkv": 0.0, "o": 0.0, "ffn": 0.0}
     dense = {"qkv": 0.0, "o": 0.0, "ffn": 0.0}
@@ -460,6 +469,22 @@ class _SparseFFN(nn.Module):
         self.down_norms = down.weight.detach().float().norm(dim=0)
         self.fixed: torch.Tensor | None = None  # op "fixed": bool [width]
 
+    def _teal_row(self, x, cpu, op: str, cfg: dict, k: int) -> torch.Tensor:
+        """teal / wina at batch 1 on the selection kernels: the same supports as the torch
+        branch below in 4-5 kernel calls instead of a dozen small torch ops, which cost more
+        than the GEMVs at SmolLM2's sizes."""
+        wina = op == "wina"
+        flat = x.reshape(1, -1).float()
+        kx = count(cfg.get("x_keep", 1.0), flat.shape[1])
+        idx_x, missed_x = None, 0.0
+        if kx < flat.shape[1]:
+            idx_x, missed_x = select_topk(flat, kx, self.in_norms if wina else None)
+        g, u = cpu.gate_up(self.li, flat, idx_x)
+        h = self.act(g) * u
+        idx_h, missed_h = select_topk(h, k, self.down_norms if wina else None)
+        self.rt.stats.add("ffn", max(missed_x, missed_h))
+        return cpu.down(self.li, h, idx=idx_h).view(1, 1, -1).to(x.dtype)
+
     def _inter(self, x):
         u = self.up(x)
         return self.act(self.gate(x)) * u if self.gate is not None else self.act(u)
@@ -485,6 +510,8 @@ class _SparseFFN(nn.Module):
         k = count(cfg.get("keep", 1.0), width)
         cpu = self.rt.cpu if _decode_rows(x) and self.rt.cpu is not None and \
             self.li in self.rt.cpu.ffn else None
+        if op in ("teal", "wina") and cpu is not None and x.shape[0] == 1:
+            return self._teal_row(x, cpu, op, cfg, k)
         if op in ("teal", "wina"):
             score = x.abs() * (self.in_norms.to(x) if op == "wina" else 1)
             xk = topk_mask(score, count(cfg.get("x_keep", 1.0), x.shape[-1]))
@@ -608,19 +635,23 @@ class PerToken:
     mode "dense" leaves every swapped module computing what the original did (prefill, the
     dense baseline); mode "pertoken" applies the plan at every position of every forward;
     mode "full" runs every part at full support on the same kernels and decode loop (the
-    runtime's batch > 1 steps: there the rows' union support is nearly every weight, so the
-    plan saves no reads and costs quality and selection time).
+    CPU backend's batch > 1 steps, `step_mode`).
     """
 
     def __init__(self, model: nn.Module, smap: StructureMap, plan: dict,
                  sketches: dict[str, torch.Tensor] | None = None, elsize: int | None = None,
-                 backend: str = "torch"):
+                 backend: str = "torch", weights: str | None = None):
         check_plan(plan, smap)
         self.model, self.smap, self.plan = model, smap, plan
         self.mode = "dense"
         self.cpu = None  # runtime.cpu_backend.CpuWeights: decode steps on the CPU kernels
         self.stats = _Stats()
         self.shapes = Shapes.of(model, smap, elsize)
+        if weights not in (None, "int8"):
+            raise UserInputError(f"per-token weights must be int8 or the storage dtype, "
+                                 f"got {weights!r}")
+        if weights == "int8" and backend != "cpu":
+            raise UserInputError("int8 weights run on the CPU backend only (--backend cpu)")
         # (parent's child dict, name, original, ours): swapping is one dict store per module,
         # since attach/detach run around every decode step
         self._swaps: list[tuple[dict, str, nn.Module, nn.Module]] = []
@@ -631,6 +662,8 @@ class PerToken:
             from .cpu_backend import CpuWeights
 
             dtype = {4: torch.float32, 2: torch.bfloat16}.get(self.shapes.elsize, torch.float32)
+            if weights == "int8":
+                dtype, self.shapes = torch.int8, self.shapes.int8()
             self.cpu = CpuWeights(model, smap, plan, dtype)
         elif backend != "torch":
             raise UserInputError(f"per-token backend must be torch or cpu, got {backend!r}")
@@ -732,9 +765,20 @@ class PerToken:
                 children[name] = ours
             self.attached = True
 
+    def step_mode(self, rows: int, mode: str = "pertoken") -> str:
+        """The mode a decode step of `rows` rows runs in. On the CPU backend a step of several
+        rows reads every weight ("full"): the union of their supports keeps 96% of SmolLM2's
+        FFN channels and 99% of its projection inputs at 4 rows and all of them at 16 (the
+        demo plan, README), so selecting would save no reads, only cost time (slower than
+        dense kernels at batch 4 and 16, results/bench_pertoken_smollm2_cpu*.json)."""
+        return "full" if mode == "pertoken" and rows > 1 and self.cpu is not None else mode
+
     # ------------------------------------------------------------------ accounting
-    def bytes(self) -> dict:
-        return plan_bytes(self.plan, self.shapes)
+    def bytes(self, rows: int = 1) -> dict:
+        """Weight bytes one decode step of `rows` rows reads (once, for all its rows): the
+        plan's, or every weight where `step_mode` says so."""
+        full = self.step_mode(rows) == "full"
+        return plan_bytes(dense_plan(self.smap) if full else self.plan, self.shapes)
 
     def missed(self) -> dict[str, torch.Tensor]:
         """Per part (qkv, o, ffn, lm_head), per position of the last forward: the worst layer's

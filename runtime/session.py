@@ -95,9 +95,12 @@ class Session:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-                 dense: bool = False, refine=None, stream=None, path: str | None = None):
+                 dense: bool = False, refine=None, stream=None, path: str | None = None,
+                 kv_budget: float = 1.0):
         """Generate a continuation of `prompt`; see runtime.generate.generate. `path`:
-        "pertoken" (the default for a bundle that has a plan), "static" or "dense"."""
+        "pertoken" (the default for a bundle that has a plan), "static" or "dense";
+        kv_budget: fraction of the prompt's KV positions kept for decode (runtime.kv_reduce)."""
+        kv = self._kv_options(kv_budget)
         if self.backend == "onnxruntime":
             from .onnx_backend import generate
         else:
@@ -105,14 +108,26 @@ class Session:
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
-                        stream=stream, path=path)
+                        stream=stream, path=path, **kv)
+
+    def _kv_options(self, kv_budget) -> dict:
+        """{} at kv_budget 1 (every backend), else {"kv_budget": f} for the torch runtime."""
+        from .kv_reduce import check_kv_budget
+
+        if check_kv_budget(kv_budget) == 1.0:
+            return {}
+        if self.backend == "onnxruntime":
+            raise UserInputError("a kv budget below 1 runs on the torch runtime only, not "
+                                 "--backend onnxruntime")
+        return {"kv_budget": kv_budget}
 
     def generate_batch(self, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        chat: bool = False, dense: bool = False, refine=None, stream=None,
-                       path: str | None = None):
+                       path: str | None = None, kv_budget: float = 1.0):
         """Generate for several prompts, rows of the same class decoded together in chunks of
         `batch_size`; results in input order. See runtime.generate.generate_batch."""
+        kv = self._kv_options(kv_budget)
         if self.backend == "onnxruntime":
             from .onnx_backend import generate_batch
         else:
@@ -121,11 +136,14 @@ class Session:
         return generate_batch(self, prompts, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
-                              stream=stream, path=path)
+                              stream=stream, path=path, **kv)
 
 
-def load(path, backend: str = "auto", device=None, execution: str = "compact") -> Session:
-    """Open a bundle directory (or, failing that, a model) as a ready-to-generate Session."""
+def load(path, backend: str = "auto", device=None, execution: str = "compact",
+         weights: str | None = None) -> Session:
+    """Open a bundle directory (or, failing that, a model) as a ready-to-generate Session.
+    weights="int8": the per-token path's CPU kernels read int8 copies of the weights (one
+    scale per output) instead of the storage dtype."""
     if execution not in ("compact", "masked"):
         raise UserInputError(f"execution must be compact or masked, got {execution!r}")
     if backend not in BACKENDS:
@@ -146,7 +164,11 @@ def load(path, backend: str = "auto", device=None, execution: str = "compact") -
     if backend == "onnxruntime" and not looks_like_bundle:
         raise UserInputError(f"backend onnxruntime runs a bundle's exported paths; {path} is a "
                              f"model: build a bundle first (cscompile build)")
-    session = _load_bundle(p, backend) if looks_like_bundle else _load_plain_model(path)
+    if weights is not None and (backend != "cpu" or not looks_like_bundle):
+        raise UserInputError(f"--weights {weights} runs a bundle's per-token path on the CPU "
+                             f"kernels (--backend cpu)")
+    session = (_load_bundle(p, backend, weights) if looks_like_bundle
+               else _load_plain_model(path))
     session.model.to(device).eval()
     session.device = device
     session.execution = execution
@@ -188,7 +210,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- bundles
-def _load_bundle(path: Path, backend: str = "torch") -> Session:
+def _load_bundle(path: Path, backend: str = "torch", weights: str | None = None) -> Session:
     from cscompile.bundle import load_bundle
     from cscompile.passes.route import Router
 
@@ -207,18 +229,21 @@ def _load_bundle(path: Path, backend: str = "torch") -> Session:
     if router.n_classes != len(classes):
         raise BundleError(f"bundle {path}: router knows {router.n_classes} classes, manifest "
                           f"lists {len(classes)}")
-    pertoken = _pertoken_from_bundle(bundle, model, smap, backend)
+    pertoken = _pertoken_from_bundle(bundle, model, smap, backend, weights)
     return Session(model, _tokenizer_from_bundle(bundle), smap, classes, router,
                    source=str(path), is_bundle=True, input_sparsity=man.get("input_sparsity"),
                    pertoken=pertoken)
 
 
-def _pertoken_from_bundle(bundle, model, smap, backend: str):
+def _pertoken_from_bundle(bundle, model, smap, backend: str, weights: str | None = None):
     """The per-token path of the manifest's "pertoken" section, installed on `model`."""
     from .pertoken import PerToken
 
     spec = bundle.manifest.get("pertoken")
     if not spec:
+        if weights is not None:
+            raise UserInputError(f"--weights {weights}: bundle {bundle.path} has no per-token "
+                                 f"plan")
         return None
     try:
         plan, file = spec["plan"], spec["sketch_file"]
@@ -228,7 +253,7 @@ def _pertoken_from_bundle(bundle, model, smap, backend: str):
     elsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(bundle.manifest.get("weights_dtype"))
     try:
         pt = PerToken(model, smap, plan, sketches, elsize=elsize,
-                      backend="cpu" if backend == "cpu" else "torch")
+                      backend="cpu" if backend == "cpu" else "torch", weights=weights)
     except (BundleError, UserInputError):
         raise
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as e:

@@ -22,6 +22,22 @@ def bundle(stories_dir, tmp_path_factory):
     return out
 
 
+def test_int8_rows_read_about_half_the_bytes(bundle):
+    from cscompile.runtime import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build here")
+    rows = run_bench(bundle, classes="0", int8=True, progress=False,
+                     **{**TINY, "batch_sizes": (1,)})["rows"]
+    by = {r["path"]: r for r in rows}
+    assert {"dense int8 (cpu kernels)", "pertoken int8 (cpu kernels)"} <= set(by)
+    full, full8 = by["dense (cpu kernels)"], by["dense int8 (cpu kernels)"]
+    # stories260K is stored in fp32: int8 + its scales is a bit over a quarter of it
+    assert 0.25 < full8["weight_bytes"] / full["weight_bytes"] < 0.3
+    assert by["pertoken int8 (cpu kernels)"]["weight_bytes"] < full8["weight_bytes"]
+    assert by["pertoken int8 (cpu kernels)"]["density"] < by["pertoken (cpu kernels)"]["density"]
+
+
 def test_rows_for_dense_and_each_class(bundle):
     result = run_bench(bundle, **TINY)
     json.dumps(result)  # JSON-able as is
@@ -33,7 +49,9 @@ def test_rows_for_dense_and_each_class(bundle):
     assert [(r["batch"], r["path"]) for r in rows] == [
         (b, p) for b in (1, 2) for p in ["dense", "dense bf16", *pertoken, "class 0", "class 1"]]
     for r in rows:
-        if r["path"].startswith("pertoken"):  # the bundle's per-token path, at its budget
+        if r["path"] == "pertoken (cpu kernels)" and r["batch"] > 1:  # PerToken.step_mode
+            assert r["density"] == 1 and r["bytes_ratio"] == 1 and r["class_id"] is None
+        elif r["path"].startswith("pertoken"):  # the bundle's per-token path, at its budget
             assert r["bytes_ratio"] > 1 and r["density"] < 1 and r["class_id"] is None
         if r["path"] == "dense (cpu kernels)":  # the dense plan: every weight byte
             assert r["density"] == 1 and r["bytes_ratio"] == 1

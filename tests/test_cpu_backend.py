@@ -17,11 +17,12 @@ PLANS = {
                    ffn={"op": "sketch", "keep": 0.4, "cand": 1.5},
                    lm_head={"op": "sketch", "candidates": 16}),
     "teal": dict(ffn={"op": "teal", "keep": 0.5, "x_keep": 0.6}),
+    "wina": dict(ffn={"op": "wina", "keep": 0.7}),  # every input: no input selection
 }
 
 
-def _decode(model, smap, plan, sk, backend, ids, prefix, mode="pertoken"):
-    pt = PerToken(model, smap, plan, sk, backend=backend)
+def _decode(model, smap, plan, sk, backend, ids, prefix, mode="pertoken", weights=None):
+    pt = PerToken(model, smap, plan, sk, backend=backend, weights=weights)
     cache = DynamicCache(config=model.config)
     try:
         with torch.no_grad():
@@ -51,6 +52,53 @@ def test_cpu_kernels_equal_torch_masks(stories, name, batch):
     for part in ref_missed:
         assert torch.allclose(got_missed[part].reshape(-1), ref_missed[part].reshape(-1),
                               atol=1e-5), part
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_weights_compute_the_dequantized_model(stories, name, batch):
+    """weights="int8": every kernel reads int8 + per-output scales, i.e. computes the model
+    whose matrices are quantize_rows' dequantized values, on the same supports."""
+    import copy
+
+    from cscompile.runtime.cpu_backend import dequantized
+
+    loaded, smap = stories
+    model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(dequantized(m.weight))
+    sk = sketch(loaded.model, smap, bits=3, seed=0)
+    plan = uniform_plan(smap, **PLANS[name])
+    ids = torch.randint(0, 512, (batch, 16), generator=torch.Generator().manual_seed(batch))
+    ref, _ = _decode(model, smap, plan, sk, "torch", ids, 10, mode="full" if batch > 1 else
+                     "pertoken")
+    got, _ = _decode(model, smap, plan, sk, "cpu", ids, 10, weights="int8",
+                     mode="full" if batch > 1 else "pertoken")
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    pt = PerToken(model, smap, plan, sk, backend="cpu", weights="int8")
+    pt.detach()
+    bf16 = PerToken(model, smap, plan, sk, backend="cpu")
+    bf16.detach()
+    # charged int8 + one fp32 scale per output instead of the storage dtype
+    from cscompile.runtime.pertoken import dense_plan, plan_bytes
+
+    dense8, dense = (plan_bytes(dense_plan(smap), p.shapes)["parts"] for p in (pt, bf16))
+    for part in ("qkv", "o", "ffn", "lm_head"):
+        assert dense8[part] / dense[part] == pytest.approx((1 + 4 / smap.hidden_size)
+                                                           / bf16.shapes.elsize)
+
+
+def test_int8_weights_need_the_cpu_backend(stories):
+    from cscompile.errors import UserInputError
+
+    loaded, smap = stories
+    with pytest.raises(UserInputError, match="CPU backend"):
+        PerToken(loaded.model, smap, uniform_plan(smap), {}, weights="int8")
+    with pytest.raises(UserInputError, match="int8"):
+        PerToken(loaded.model, smap, uniform_plan(smap), {}, backend="cpu", weights="int4")
 
 
 def test_fallback_when_kernels_are_off(stories, monkeypatch):

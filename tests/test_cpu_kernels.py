@@ -238,6 +238,62 @@ def test_rotate_equals_the_rotation(n, block):
     assert torch.allclose(got.norm(), x.norm(), rtol=1e-5)  # orthogonal
 
 
+# --------------------------------------------------------------------------- decode loop
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 130), (1, 5)])
+def test_rms_norm_equals_llama_rmsnorm(rows, n):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = gen(20)
+    norm = LlamaRMSNorm(n, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(n, generator=g))
+    x = torch.randn(rows, 1, n, generator=g) * 3
+    want = norm(x).detach()
+    assert rel_err(C.rms_norm(x, norm.weight.detach(), 1e-5), want) < TOL
+    assert rel_err(C.rms_norm_reference(x, norm.weight.detach(), 1e-5), want) < TOL
+
+
+@pytest.mark.parametrize("heads,d", [(9, 64), (3, 64), (2, 6)])
+def test_rope_equals_transformers_rotary(heads, d):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = gen(21)
+    q = torch.randn(1, heads, 1, d, generator=g)
+    theta = torch.rand(d // 2, generator=g) * 7
+    cos, sin = torch.cat([theta.cos()] * 2), torch.cat([theta.sin()] * 2)
+    want, _ = apply_rotary_pos_emb(q, q, cos.view(1, 1, d), sin.view(1, 1, d))
+    got = C.rope(q.clone(), cos, sin)
+    assert rel_err(got, want) < TOL
+    buf = q.clone()
+    assert C.rope(buf, cos, sin) is buf  # rotated in place
+    assert rel_err(C.rope(q.transpose(1, 3).contiguous().transpose(1, 3), cos, sin), want) < TOL
+
+
+@pytest.mark.parametrize("hq,hkv,length,d", [(9, 3, 128, 64), (4, 4, 1, 8), (6, 2, 300, 12)])
+@pytest.mark.parametrize("nt", [1, 2])
+def test_attention_row_equals_sdpa(hq, hkv, length, d, nt):
+    g = gen(22)
+    q = torch.randn(hq, d, generator=g)
+    k, v = (torch.randn(hkv, length, d, generator=g) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.view(1, hq, 1, d), k[None], v[None], scale=d ** -0.5, enable_gqa=hq != hkv).reshape(-1)
+    with threads(nt):
+        got = C.attention_row(q, k, v, d ** -0.5)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(C.attention_row_reference(q, k, v, d ** -0.5), want) < TOL
+    assert rel_err(C.attention_row(q, k.transpose(1, 2).contiguous().transpose(1, 2), v,
+                                   d ** -0.5), want) < 1e-5  # strided cache: the reference
+
+
+def test_decode_loop_kernels_check_their_arguments():
+    with pytest.raises(ValueError, match="float32"):
+        C.rms_norm(torch.randn(4), torch.randn(5), 1e-5)
+    with pytest.raises(ValueError, match="even"):
+        C.rope(torch.randn(3, 5), torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError, match="Hkv"):
+        C.attention_row(torch.randn(5, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8), 1.0)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_sketch_select(bits):
     from cscompile.runtime.pertoken import Rotation, Sketch
@@ -360,13 +416,16 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
     perm = torch.randperm(128, generator=g).to(torch.int32)
     codes128, scales128 = pack.quantize_codes(w.float()[:, :128], 3, 32)
     planes = C.sketch_planes(pack.pack_codes(codes128, 3), 3, 128)
+    qa, ka, va = torch.randn(4, 16, generator=g), *torch.randn(2, 2, 5, 16, generator=g)
 
     def run():
         return [C.dense_gemv(w, x), C.rows_gemv(w, x, idx), C.gather_gemv(wt, x, idk),
                 C.ffn_sparse(wg, wu, wd_t, x, idx), C.sketch_gemv(packed, scales, x, 3, 32, 130),
                 torch.tensor(C.read_bandwidth(buf)), C.select_topk(x[0], 50)[0],
                 C.rotate(x[0, :128], perm, torch.ones(128), 32),
-                C.sketch_q8(planes, scales128, x[0, :128], 3, 32, 128)]
+                C.sketch_q8(planes, scales128, x[0, :128], 3, 32, 128),
+                C.rms_norm(x, x[0], 1e-5), C.rope(x.clone(), x[0, :130], x[1, :130]),
+                C.attention_row(qa, ka, va, 0.25)]
 
     compiled = run()
     monkeypatch.setenv(C.ENV, "0")
@@ -376,7 +435,9 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
             C.gather_gemv_reference(wt, x, idk), C.ffn_sparse_reference(wg, wu, wd_t, x, idx),
             C.sketch_gemv_reference(packed, scales, x, 3, 32, 130), torch.tensor(C.read_bandwidth_reference(buf)),
             C.select_topk_reference(x[0], 50)[0], C.rotate_reference(x[0, :128], perm, torch.ones(128), 32),
-            C.sketch_q8_reference(planes, scales128, x[0, :128], 3, 32, 128)]
+            C.sketch_q8_reference(planes, scales128, x[0, :128], 3, 32, 128),
+            C.rms_norm_reference(x, x[0], 1e-5), C.rope_reference(x, x[0, :130], x[1, :130]),
+            C.attention_row_reference(qa, ka, va, 0.25)]
     for a, b, r in zip(compiled, fallback, refs):
         assert torch.equal(b, r)  # the fallback IS the reference
         if a.is_floating_point():

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from cscompile.compat import cache_kwargs
+from cscompile.runtime import cpu_kernels
 from cscompile.runtime.decode_step import decode_logits, supports
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,6 +39,32 @@ def test_equals_hf_forward_over_several_steps(tiny, stories):
         for a, b in zip(ref_cache.layers, our_cache.layers):
             assert torch.allclose(a.keys, b.keys, atol=1e-6)
             assert torch.allclose(a.values, b.values, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+def test_batch1_kernel_step_equals_hf_forward(tiny, stories, monkeypatch):
+    """kernels=True: one row's norms, RoPE and attention on runtime.cpu_kernels, same logits
+    and cache as the HF forward (and the kernels are what ran)."""
+    calls = []
+    real = cpu_kernels.attention_row
+    monkeypatch.setattr(cpu_kernels, "attention_row",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for model in _models(tiny, stories):
+        ids = torch.randint(0, model.config.vocab_size, (1, 12),
+                            generator=torch.Generator().manual_seed(2))
+        ref_cache, our_cache = _prefill(model, ids[:, :8]), _prefill(model, ids[:, :8])
+        for t in range(8, 12):
+            step = ids[:, t:t + 1]
+            with torch.no_grad():
+                want = model(input_ids=step, **cache_kwargs(model, ref_cache),
+                             use_cache=True).logits
+            got = decode_logits(model, step, our_cache, kernels=True)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+        for a, b in zip(ref_cache.layers, our_cache.layers):
+            # the kernels' norm sums in another order: the same values to float rounding
+            assert torch.allclose(a.keys, b.keys, atol=1e-5), (a.keys - b.keys).abs().max()
+            assert torch.allclose(a.values, b.values, atol=1e-5)
+    assert len(calls) == 4 * sum(len(m.model.layers) for m in _models(tiny, stories))
 
 
 def test_left_padded_rows_equal_hf_with_the_same_mask(tiny):

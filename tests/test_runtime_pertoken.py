@@ -72,7 +72,10 @@ def test_dense_path_is_the_dense_model(session, stories_dir):
     assert got.token_ids == dense.token_ids and got.path == "dense"
 
 
-def test_batch_equals_single_prompt(session):
+def test_batch_equals_single_prompt_on_torch_masks(bundle):
+    """The torch backend's batched step: each row's own support (masks), so a batch decodes
+    what the rows decode alone."""
+    session = load(bundle, backend="torch")
     single = [session.generate(p, max_new_tokens=10) for p in PROMPTS]
     batch = session.generate_batch(PROMPTS, batch_size=3, max_new_tokens=10)
     assert [b.batch_size for b in batch] == [3, 3, 3]
@@ -80,6 +83,23 @@ def test_batch_equals_single_prompt(session):
         assert a.token_ids == b.token_ids and a.path == b.path == "pertoken"
         assert [m["ffn"] for m in a.missed] == pytest.approx([m["ffn"] for m in b.missed],
                                                              abs=1e-5)
+
+
+def test_cpu_batch_steps_read_every_weight(session, stories_dir):
+    """The CPU backend's steps of several rows run every weight (PerToken.step_mode): the
+    rows decode the dense model's tokens and are charged dense bytes."""
+    if session.pertoken.cpu is None:
+        pytest.skip("the CPU kernels did not build here")
+    dense = load(stories_dir)
+    want = [dense.generate(p, max_new_tokens=10).token_ids for p in PROMPTS]
+    batch = session.generate_batch(PROMPTS, batch_size=3, max_new_tokens=10)
+    assert [b.batch_size for b in batch] == [3, 3, 3]
+    full = session.pertoken.bytes(3)
+    assert full["fraction"] == 1.0 and session.pertoken.bytes(1)["fraction"] <= 0.6
+    for b, w in zip(batch, want):
+        assert b.token_ids == w and b.path == "pertoken"
+        assert set(b.densities) == {1.0} and set(b.bytes_per_token) == {round(full["bytes"])}
+        assert all(m == {} for m in b.missed)  # nothing selected, nothing missed
 
 
 def test_bad_paths_refused(session, stories_dir):
@@ -136,3 +156,23 @@ def test_cli_stats_line_reports_missed_energy(bundle):
     assert "per-token path" in res.stderr and "missed (mean/worst step)" in res.stderr
     res = CliRunner().invoke(run, [str(bundle), "--prompt", "x", "--path", "nope"])
     assert res.exit_code == 2
+
+
+def test_cli_int8_weights(bundle, stories_dir):
+    """run --weights int8: the per-token path on int8 kernel copies, charged their bytes."""
+    from cscompile.runtime import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build here")
+    res = CliRunner().invoke(run, [str(bundle), "--prompt", PROMPTS[0], "--max-new-tokens", "6",
+                                   "--weights", "int8", "--stats"])
+    assert res.exit_code == 0, res.output
+    r8 = load(bundle, weights="int8").generate(PROMPTS[0], max_new_tokens=6)
+    assert r8.text in res.stdout and "per-token path" in res.stderr
+    r = load(bundle).generate(PROMPTS[0], max_new_tokens=6)
+    # stories260K is stored in fp32; sketches and norms keep their own size
+    assert max(r8.bytes_per_token) < 0.4 * min(r.bytes_per_token)
+    for target, extra in ((stories_dir, []), (bundle, ["--backend", "torch"])):
+        res = CliRunner().invoke(run, [str(target), "--prompt", "x", "--weights", "int8", *extra])
+        assert res.exit_code == 2 and res.stderr.startswith("error: ") and "int8" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

@@ -99,6 +99,15 @@ def server(bundle):
 
 
 @pytest.fixture(scope="module")
+def mask_server(bundle):
+    """The torch backend: a batched step keeps each row's own support (on the CPU kernels a
+    step of several rows reads every weight, PerToken.step_mode)."""
+    s = Server(load(bundle, backend="torch"), max_batch=4, max_queue=16)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
 def ref(bundle):
     """A second session on the same bundle: solo references, never touched by the server."""
     return load(bundle)
@@ -213,8 +222,9 @@ def test_text_holds_back_a_partial_stop_string(ref):
     assert "".join(plain.push(i) for i in ids) + plain.finish() == tok.decode(ids)
 
 
-def test_concurrent_requests_each_equal_their_solo_output(server, ref):
+def test_concurrent_requests_each_equal_their_solo_output(mask_server, bundle):
     """More requests than slots, with different lengths: rows join as others leave."""
+    server, ref = mask_server, load(bundle, backend="torch")
     lengths = [N, 6, N, 10, 16, 3]
     want = [ref.generate(p, max_new_tokens=m).text for p, m in zip(PROMPTS, lengths)]
     sampled = ref.generate(PROMPTS[4], max_new_tokens=12, temperature=0.9, seed=11).text
@@ -238,7 +248,8 @@ def test_concurrent_requests_each_equal_their_solo_output(server, ref):
     assert server.health()["decoding"] == 0
 
 
-def test_a_request_joining_mid_decode_equals_its_solo_output(server, ref):
+def test_a_request_joining_mid_decode_equals_its_solo_output(mask_server, bundle):
+    server, ref = mask_server, load(bundle, backend="torch")
     want_a = ref.generate(PROMPTS[0], max_new_tokens=40).text
     want_b = ref.generate(PROMPTS[3], max_new_tokens=8).text
     stream = server.client.completions.create(model="stories", prompt=PROMPTS[0],

@@ -17,6 +17,7 @@
 //   sketch_q8    the same for one row, x rounded to int8 per group, codes as bit planes
 //   select / rotate / sketch_select            the batch-1 decode step's selection (top-k and
 //                                              its missed share, the sketches' rotation)
+//   rmsnorm / rope / attention                 the rest of a batch-1 decode step (decode_step.py)
 // Weights are fp32, bf16 (raw uint16 bits; bf16 -> fp32 is a 16-bit shift) or int8 (scale per
 // output). x is fp32 [B, K] contiguous, B small (1..16). Threads: at::get_num_threads(); dense /
 // rows / sketch split output rows, gather splits N into contiguous slices (no atomics), the
@@ -767,6 +768,83 @@ void rotate_kernel(const float* x, int64_t n, const int32_t* perm, const float* 
   }
 }
 
+// ----------------------------------------------------------------------------- decode loop
+// The rest of a batch-1 decode step (runtime/decode_step.py): each is one call here where torch
+// runs 5-15 small ops (~30-60 us at SmolLM2's sizes, as much as a layer's sparse GEMVs).
+
+// y[r] = x[r] * w / sqrt(mean(x[r]^2) + eps) for rows of n (LlamaRMSNorm, fp32)
+void rmsnorm_kernel(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+    for (int64_t i = 0; i < n; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// x [heads, d] rotated in place by rotate-half RoPE with cos, sin [d] (both halves given)
+void rope_kernel(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if CSC_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// o [Hq, d] = softmax(scale q[h] K[g]^T) V[g] for one query row, g = h / (Hq / Hkv) (GQA);
+// K, V [Hkv, L, d] contiguous. Heads split across threads when the context is long.
+void attention_kernel(const float* q, int64_t Hq, int64_t Hkv, int64_t d, const float* K,
+                      const float* V, int64_t L, float scale, float* o, int nthreads) {
+  const int64_t per = Hq / Hkv;
+  const int nt = threads_for(nthreads, 2 * Hkv * L * d * static_cast<int64_t>(sizeof(float)),
+                             Hq);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> p(L);
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const float* qh = q + h * d;
+      const float* Kg = K + (h / per) * L * d;
+      const float* Vg = V + (h / per) * L * d;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        p[l] = dot_f32(qh, Kg + l * d, d) * scale;
+        mx = std::max(mx, p[l]);
+      }
+      float tot = 0.0f;
+      for (int64_t l = 0; l < L; ++l) tot += (p[l] = std::exp(p[l] - mx));
+      float* oh = o + h * d;
+      for (int64_t i = 0; i < d; ++i) oh[i] = 0.0f;
+      for (int64_t l = 0; l < L; ++l) {
+        const float c = p[l] / tot;
+        const float* vl = Vg + l * d;
+        for (int64_t i = 0; i < d; ++i) oh[i] += c * vl[i];
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- bandwidth
 int64_t read_bytes_kernel(const uint8_t* p, int64_t n, int nthreads) {
   const int nt = threads_for(nthreads, n, std::max<int64_t>(1, n >> 16));
@@ -820,7 +898,7 @@ inline int64_t check_idx(const int32_t* idx, int64_t m, int64_t limit) {
 
 extern "C" {
 
-int csc_abi_version() { return 2; }
+int csc_abi_version() { return 3; }
 int csc_has_avx2() { return CSC_AVX2; }
 
 // y [B, M] = x [B, K] @ w[idx].T (* scale[idx]); w [N, K]; idx null -> rows 0..M-1
@@ -940,6 +1018,28 @@ int64_t csc_sketch_select(int bits, const uint8_t* planes_g, const uint16_t* sca
   csc_sketch_q8(bits, planes_u, N, K, scales_u, G, group, xr, up.data(), nthreads);
   for (int64_t i = 0; i < N; ++i) est[i] = std::fabs(silu(est[i]) * up[i]);
   *missed = topk_sorted(est, N, k, idx);
+  return 0;
+}
+
+// y [rows, n] = rmsnorm(x [rows, n]) * w [n]
+int64_t csc_rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, double eps, float* y) {
+  if (rows < 0 || n <= 0) return -1;
+  rmsnorm_kernel(x, rows, n, w, static_cast<float>(eps), y);
+  return 0;
+}
+
+// x [heads, d] in place: rotate-half RoPE with cos, sin [d]; d even
+int64_t csc_rope(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  if (heads < 0 || d <= 0 || d % 2) return -1;
+  rope_kernel(x, heads, d, cos, sin);
+  return 0;
+}
+
+// o [Hq, d] = attention of one query row q [Hq, d] over K, V [Hkv, L, d]; Hkv divides Hq
+int64_t csc_attention(const float* q, int64_t Hq, int64_t Hkv, int64_t d, const float* K,
+                      const float* V, int64_t L, double scale, float* o, int nthreads) {
+  if (Hq <= 0 || Hkv <= 0 || Hq % Hkv || d <= 0 || L <= 0) return -1;
+  attention_kernel(q, Hq, Hkv, d, K, V, L, static_cast<float>(scale), o, nthreads);
   return 0;
 }
 
@@ -1077,6 +1177,39 @@ PyObject* py_sketch_select(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyFloat_FromDouble(missed);
 }
 
+PyObject* py_rmsnorm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) return PyErr_Format(PyExc_TypeError, "expected 6 arguments, got %zd", nargs);
+  const double eps = PyFloat_AsDouble(args[4]);  // the one float argument
+  if (eps == -1.0 && PyErr_Occurred()) return nullptr;
+  PyObject* ints[5] = {args[0], args[1], args[2], args[3], args[5]};
+  int64_t a[5];
+  if (!py_args(ints, 5, 5, a)) return nullptr;
+  return PyLong_FromLongLong(csc_rmsnorm(ptr<const float*>(a[0]), a[1], a[2], ptr<const float*>(a[3]), eps,
+                                         ptr<float*>(a[4])));
+}
+
+PyObject* py_rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[5];
+  if (!py_args(args, nargs, 5, a)) return nullptr;
+  return PyLong_FromLongLong(csc_rope(ptr<float*>(a[0]), a[1], a[2], ptr<const float*>(a[3]),
+                                      ptr<const float*>(a[4])));
+}
+
+PyObject* py_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 10) return PyErr_Format(PyExc_TypeError, "expected 10 arguments, got %zd", nargs);
+  const double scale = PyFloat_AsDouble(args[7]);
+  if (scale == -1.0 && PyErr_Occurred()) return nullptr;
+  PyObject* ints[9] = {args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[8], args[9]};
+  int64_t a[9];
+  if (!py_args(ints, 9, 9, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_attention(ptr<const float*>(a[0]), a[1], a[2], a[3], ptr<const float*>(a[4]),
+                     ptr<const float*>(a[5]), a[6], scale, ptr<float*>(a[7]), static_cast<int>(a[8]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
 PyObject* py_abi(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_abi_version()); }
 PyObject* py_avx2(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromLong(csc_has_avx2()); }
 
@@ -1092,6 +1225,10 @@ PyMethodDef csc_methods[] = {
     {"csc_sketch_select", CSC_FAST(py_sketch_select),
      "csc_sketch_select(bits, planes_g, sg, planes_u, su, G, xr, N, K, group, k, idx, est, threads) -> missed | None"},
     {"csc_sketch_q8", CSC_FAST(py_sketch_q8), "csc_sketch_q8(bits, planes, N, K, scales, G, group, x, y, threads) -> status"},
+    {"csc_rmsnorm", CSC_FAST(py_rmsnorm), "csc_rmsnorm(x, rows, n, w, eps, y) -> status"},
+    {"csc_rope", CSC_FAST(py_rope), "csc_rope(x, heads, d, cos, sin) -> status (in place)"},
+    {"csc_attention", CSC_FAST(py_attention),
+     "csc_attention(q, Hq, Hkv, d, K, V, L, scale, o, threads) -> status"},
     {"csc_abi_version", CSC_FAST(py_abi), ""},
     {"csc_has_avx2", CSC_FAST(py_avx2), ""},
     {nullptr, nullptr, 0, nullptr}};
