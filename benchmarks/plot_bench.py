@@ -2,8 +2,8 @@
 grouped by (threads, batch), one bar per path, the bytes ceiling marked on each bar.
 
     python benchmarks/plot_bench.py results/bench_pertoken_smollm2_cpu.json \\
-        results/bench_pertoken_smollm2_cpu_b16.json results/bench_pertoken_smollm2_cpu_t2.json \\
-        --skip 2:4 -o results/bench_pertoken_smollm2_cpu.png
+        results/bench_pertoken_smollm2_cpu_t2.json --skip 2:16 \\
+        -o results/bench_pertoken_smollm2_cpu.png
 """
 from __future__ import annotations
 

@@ -10,12 +10,19 @@ nothing time- or machine-dependent goes into the bundle: build time, peak memory
 router's timing cost are returned (and printed by the CLI with --json) under the "timing"
 key of the report dict, but report.json inside the bundle holds only the deterministic
 diagnostics (cluster scores, alignment with tasks, router accuracy, class densities).
+
+Several ranks (cscompile.distributed: `workers=N` local ranks, or torchrun's): the calibration
+forwards (signatures, router features and accuracy, the allocation's captures, menus,
+sensitivities and decode KL) are sharded by prompt or fixed prompt chunk and reduced in global
+order, so the bundle is byte-identical to one process's; the rest runs replicated on every
+rank and rank 0 writes the bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import tempfile
 import time
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from . import distributed
 from .bundle import to_jsonable, write_bundle
 from .calib import dedupe_prompts, prompt_hash, read_prompts
 from .errors import UserInputError
@@ -49,27 +57,40 @@ class _Phases:
     """Per-phase wall times and a ✓ line per phase on stderr; while a phase runs, a spinner or
     a bar (cscompile.progress: only where someone watches). progress=False: all quiet."""
 
-    def __init__(self, progress: bool):
+    def __init__(self, progress: bool, group=distributed.SINGLE, status_dir=None):
         self.show = progress
         self.console = Console(stderr=True, quiet=not progress)
         self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}  # this process's CPU seconds per phase
+        self.peak_rss: dict[str, float] = {}  # this process's peak RSS (MB) by each phase's end
         self.warnings: list[str] = []
+        self.group, self.status_dir = group, status_dir
+
+    def _enter(self, name: str):
+        distributed.mark_phase(self.status_dir, self.group.rank, name)
+        distributed.fail_hook(self.group, name)
 
     @contextmanager
     def phase(self, name: str):
-        t0 = time.perf_counter()
+        self._enter(name)
+        t0, c0 = time.perf_counter(), time.process_time()
         with progress_status(f"{name} ...", show=self.show):
             yield
         self.times[name] = round(time.perf_counter() - t0, 4)
+        self.cpu_times[name] = round(time.process_time() - c0, 3)
+        self.peak_rss[name] = peak_rss_mb()
         self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
 
     @contextmanager
     def counted(self, name: str, total: int, unit: str):
         """A phase over `total` items (done / total, time left); yields advance()."""
-        t0 = time.perf_counter()
+        self._enter(name)
+        t0, c0 = time.perf_counter(), time.process_time()
         with progress_bar(name, total, unit=unit, show=self.show) as advance:
             yield advance
         self.times[name] = round(time.perf_counter() - t0, 4)
+        self.cpu_times[name] = round(time.process_time() - c0, 3)
+        self.peak_rss[name] = peak_rss_mb()
         self.console.print(f"[green]✓[/green] {name} ({self.times[name]:.2f} s)")
 
     def warn(self, msg: str):
@@ -80,34 +101,75 @@ class _Phases:
 def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
               heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
               progress=True, allocation="uniform", kv_groups=False, skip_layers=0,
-              budget=None, max_kl=None, sketch_bits=3, pertoken=True) -> dict:
+              budget=None, max_kl=None, sketch_bits=3, pertoken=True, workers=1) -> dict:
     """Build a bundle in `out`; return the build report (report.json + a "timing" section).
 
     The per-token path (the runtime's default) is allocated at `budget` (default
     DEFAULT_BUDGET) x dense bytes per token, or at the smallest budget whose held-out KL is at
-    most `max_kl`; pertoken=False builds the static class paths only."""
-    from .passes.cluster import alignment, cluster
-    from .passes.lower import lower
-    from .passes.constrain import (apply_permutation, channel_permutation, channel_profiles,
-                                   class_support, core_scores, permute_support)
-    from .passes.route import (default_layer, fit_router_features, router_accuracy,
-                               router_cost, router_features)
-    from .passes.signature import prompt_signatures
+    most `max_kl`; pertoken=False builds the static class paths only. `workers` > 1 runs the
+    build on that many local ranks; a process started by torchrun (RANK / WORLD_SIZE set)
+    joins torchrun's group instead. Either way the bundle is the one-process bundle."""
+    args = dict(model=model, calib=calib, out=out, density=density, classes=classes,
+                max_classes=max_classes, layout=layout, heads_keep=heads_keep, tile=tile,
+                seed=seed, force=force, trust_pickle=trust_pickle, progress=progress,
+                allocation=allocation, kv_groups=kv_groups, skip_layers=skip_layers,
+                budget=budget, max_kl=max_kl, sketch_bits=sketch_bits, pertoken=pertoken)
+    workers = distributed.check_workers(workers)
+    world = distributed.launched_world()
+    if world is not None and world > 1:
+        if workers not in (1, world):
+            raise UserInputError(f"--workers {workers} with torchrun's WORLD_SIZE={world}: "
+                                 f"torchrun starts the ranks, leave --workers out")
+        rank = int(os.environ["RANK"])
+        _check_build_args(args, writer=rank == 0)
+        group = distributed.init_group(rank, world)
+        try:
+            return build_rank(group=group, **args)
+        finally:
+            distributed.leave_group()
+    _check_build_args(args, writer=True)
+    if workers == 1:
+        return build_rank(**args)
+    return distributed.spawn_ranks(workers, "cscompile.build:build_rank",
+                                   {**args, "out": str(out), "calib": str(calib)})
 
-    t_start = time.perf_counter()
-    _check_args(density, classes, max_classes, layout, heads_keep, tile)
+
+def _check_build_args(a: dict, writer: bool) -> None:
+    """Every refusal that needs no model, before any rank starts expensive work."""
+    _check_args(a["density"], a["classes"], a["max_classes"], a["layout"], a["heads_keep"],
+                a["tile"])
+    budget, max_kl, bits = a["budget"], a["max_kl"], a["sketch_bits"]
     if budget is not None and max_kl is not None:
         raise UserInputError("give either --budget or --max-kl, not both")
     if budget is not None and not 0 < budget <= 1:
         raise UserInputError(f"--budget must be in (0, 1], got {budget}")
     if max_kl is not None and not max_kl >= 0:
         raise UserInputError(f"--max-kl must be >= 0, got {max_kl}")
-    if sketch_bits not in (1, 2, 3, 4):
-        raise UserInputError(f"--sketch-bits must be 1..4, got {sketch_bits}")
-    out = Path(out)
-    if out.exists() and not force:  # refuse before any expensive work
+    if bits not in (1, 2, 3, 4):
+        raise UserInputError(f"--sketch-bits must be 1..4, got {bits}")
+    out = Path(a["out"])
+    if writer and out.exists() and not a["force"]:  # refuse before any expensive work
         raise UserInputError(f"output directory {out} exists; pass --force to replace it")
-    ph = _Phases(progress)
+
+
+def build_rank(model, calib, out, density, classes, max_classes, layout, heads_keep, tile,
+               seed, force, trust_pickle, progress, allocation, kv_groups, skip_layers,
+               budget, max_kl, sketch_bits, pertoken, group=distributed.SINGLE,
+               status_dir=None) -> dict:
+    """The build as rank `group.rank` of `group.world` runs it (the whole build when world 1);
+    arguments as run_build's, already checked. Rank 0 writes the bundle and returns the
+    report; every rank returns it."""
+    from .passes.cluster import alignment, cluster
+    from .passes.lower import lower
+    from .passes.constrain import (apply_permutation, channel_permutation, channel_profiles,
+                                   class_support, core_scores, permute_support)
+    from .passes.route import (default_layer, fit_router_features, route, router_cost,
+                               router_features)
+    from .passes.signature import prompt_signatures
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    ph = _Phases(progress and group.is_writer, group, status_dir)
 
     with ph.phase("reading prompts"):
         rows = read_prompts(calib)
@@ -126,10 +188,16 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     build_idx, held_idx = _split(len(rows), seed)
     build_ids = [ids[i] for i in build_idx]
     held_ids = [ids[i] for i in held_idx]
+    def signatures(prompts, advance):  # one row per prompt, each on the rank that owns it
+        rows = group.map(len(prompts), lambda i: prompt_signatures(
+            loaded.model, smap, [prompts[i]], on_prompt=advance)[0])
+        return np.stack(rows) if rows else prompt_signatures(loaded.model, smap, [])
+
     with ph.counted(f"signatures of {len(build_ids)} build + {len(held_ids)} held-out prompts",
-                    len(build_ids) + len(held_ids), "prompts") as advance:
-        sig = prompt_signatures(loaded.model, smap, build_ids, on_prompt=advance)
-        held_sig = prompt_signatures(loaded.model, smap, held_ids, on_prompt=advance)
+                    len(group.mine(len(build_ids))) + len(group.mine(len(held_ids))),
+                    "prompts") as advance:
+        sig = signatures(build_ids, advance)
+        held_sig = signatures(held_ids, advance)
     with ph.phase("clustering into classes"):
         if classes is not None and classes > len(build_ids):
             raise UserInputError(f"--classes {classes} exceeds the {len(build_ids)} build prompts")
@@ -158,9 +226,13 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         supports = [permute_support(s, perms) for s in supports]
     with ph.phase("fitting the router"):
         layer = default_layer(smap)
-        pooled = router_features(loaded.model, smap, build_ids, layer)
+        pooled = torch.cat(group.map(len(build_ids), lambda i: router_features(
+            loaded.model, smap, [build_ids[i]], layer)))
         router = fit_router_features(pooled, clus.labels, layer, seed=seed)
-        held_acc = router_accuracy(loaded.model, smap, router, held_ids, held_labels)
+        routed = group.map(len(held_ids), lambda i: route(loaded.model, smap, router,
+                                                           held_ids[i]))
+        held_acc = (float(np.mean(np.asarray(routed) == np.asarray(held_labels)))
+                    if held_ids else None)
         train_acc = float((router.classify(pooled).numpy() == clus.labels).mean())
         cost = router_cost(loaded.model, smap, router, build_ids[:8], repeats=2)
 
@@ -169,7 +241,8 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
     pertoken_json, sketch_tensors, pertoken_report = None, None, None
     if pertoken:
         pertoken_json, sketch_tensors, pertoken_report = _pertoken(
-            loaded.model, smap, build_ids, held_ids, budget, max_kl, sketch_bits, seed, ph)
+            loaded.model, smap, build_ids, held_ids, budget, max_kl, sketch_bits, seed, ph,
+            group)
 
     classes_json = []
     for c, sup in enumerate(supports):
@@ -256,13 +329,38 @@ def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layou
         "pertoken": pertoken_report,
         "warnings": ph.warnings,
     }
-    with ph.phase(f"writing bundle {out}"):
-        write_bundle(out, manifest, tensors, report, texts={**kernel_files, **tokenizer_files},
-                     force=force)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    if group.is_writer:
+        with ph.phase(f"writing bundle {out}"):
+            write_bundle(out, manifest, tensors, report,
+                         texts={**kernel_files, **tokenizer_files}, force=force)
+    # the last collective: no rank reports success before the bundle is written
+    usage = group.map(group.world, lambda r: (*_usage(), ph.cpu_times, ph.peak_rss))
     timing = {"phases_s": ph.times, "build_s": round(time.perf_counter() - t_start, 3),
-              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "router_cost": cost}
+              "rank_phases_cpu_s": [u[2] for u in usage],
+              "rank_peak_rss_by_phase_mb": [u[3] for u in usage],
+              "peak_rss_mb": usage[0][0], "ranks": group.world, "rank": group.rank,
+              "rank_peak_rss_mb": [u[0] for u in usage], "rank_cpu_s": [u[1] for u in usage],
+              "router_cost": cost}
     return to_jsonable({**report, "bundle": str(out), "timing": timing})
+
+
+def _usage() -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of this process: CPU time shows how the work split
+    between ranks even on a machine whose other jobs stretch the wall time."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return peak_rss_mb(), round(u.ru_utime + u.ru_stime, 1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, its own address space's high-water
+    mark (ru_maxrss also carries the RSS of the parent a spawned process was forked from)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -370,7 +468,7 @@ def _input_sparsity(model, smap, supports, prompts, seed) -> dict:
             "thresholds": {k: float(v) for k, v in est.info["thresholds"].items()}}
 
 
-def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph):
+def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, group):
     """Sketch, allocate and check the per-token path: (manifest section, sketch tensors,
     report section). Runs on the permuted weights the bundle stores."""
     from .passes.allocate import decode_kl, greedy_path, plan_at_kl, plan_for_budget
@@ -384,16 +482,16 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph):
     with ph.counted(f"per-token operator menus on {len(prompts)} prompts",
                     3 * smap.n_layers, "parts") as advance:
         path, alloc_report = greedy_path(model, smap, prompts, sk, bits=bits, group=64,
-                                         progress=advance)
+                                         progress=advance, ranks=group)
     with ph.phase("allocating the byte budget"):
         pt = PerToken(model, smap, path.start, sk)
         try:
             if max_kl is not None:
-                plan, steps, check = plan_at_kl(path, model, pt, held, max_kl)
+                plan, steps, check = plan_at_kl(path, model, pt, held, max_kl, ranks=group)
             else:
                 plan, steps = plan_for_budget(path, DEFAULT_BUDGET if budget is None else budget)
                 pt.configure(plan)
-                check = decode_kl(model, pt, held)
+                check = decode_kl(model, pt, held, ranks=group)
             nbytes = plan_bytes(plan, pt.shapes)
         finally:
             pt.remove()

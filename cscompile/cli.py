@@ -108,21 +108,40 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a fully pickled model.pt (runs code from the file).")
+@click.option("--workers", default="1", show_default=True, metavar="N",
+              help="Local ranks (processes) the calibration is sharded over, on "
+                   "torch.distributed (gloo), each with torch's threads // N threads; the "
+                   "bundle is byte-identical to --workers 1 run with as many threads "
+                   "(e.g. OMP_NUM_THREADS=1 for both).")
 @click.option("--json", "json_out", is_flag=True, help="Print the build report as JSON on stdout.")
 @friendly_errors
 def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep,
           kv_groups, skip_layers, budget, max_kl, sketch_bits, static_only, seed, force,
-          trust_pickle, json_out):
+          trust_pickle, workers, json_out):
     """Compile MODEL + calibration prompts into a bundle: a per-token sparse path at one byte
-    budget (the runtime's default), plus static task-class paths and a router."""
+    budget (the runtime's default), plus static task-class paths and a router.
+
+    \b
+    Several machines: start the same command on each under torchrun (env:// rendezvous;
+    only rank 0 writes the bundle, on its machine), e.g. on 2 machines of 1 rank each:
+      torchrun --nnodes 2 --node-rank R --nproc-per-node 1 \\
+               --master-addr HOST0 --master-port 29500 \\
+               --no-python cscompile build MODEL --calib data.jsonl -o bundle/
+    with R = 0 on HOST0 and 1 on the other; every machine needs MODEL and the prompts file
+    at the same paths. OMP_NUM_THREADS sets each rank's threads (keep it equal on all
+    ranks: the bundle is byte-identical only for equal per-rank thread counts)."""
     from .build import run_build
+    from .distributed import parse_workers
 
     report = run_build(model, calib, out, density=density, classes=classes,
                        max_classes=max_classes, layout=layout, heads_keep=heads_keep,
                        tile=tile, seed=seed, force=force, trust_pickle=trust_pickle,
                        progress=not json_out, kv_groups=kv_groups,
                        skip_layers=skip_layers, budget=budget, max_kl=max_kl,
-                       sketch_bits=sketch_bits, pertoken=not static_only)
+                       sketch_bits=sketch_bits, pertoken=not static_only,
+                       workers=parse_workers(workers))
+    if report["timing"]["rank"] != 0:  # under torchrun: rank 0 speaks for the build
+        return
     if json_out:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

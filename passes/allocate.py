@@ -23,6 +23,11 @@ How (TEAL's block-wise greedy, on the operators' own outputs):
    least `head_top1` and their mean KL at most `head_kl`.
 `plan_at_kl` walks the same path and picks the smallest budget whose teacher-forced KL to
 dense on held-out prompts is at most a target (bisection over the path's prefixes).
+
+Sharding (cscompile.distributed): the calibration prompts are cut into fixed chunks of CHUNK
+prompts; each rank captures and measures only its chunks, and every statistic (distortion
+sums, KL sums, top-1 counts, token counts) is kept per chunk (per prompt for decode_kl) and
+summed in chunk order after a gather, on one process exactly as on several.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cscompile.compat import cache_kwargs
+from cscompile.distributed import SINGLE, RankGroup
 from cscompile.errors import UserInputError
 from cscompile.runtime.pertoken import (PerToken, dense_plan, ffn_bytes, head_bytes,
                                         input_bytes, plan_bytes)
@@ -92,10 +98,14 @@ class Path:
 
 # ----------------------------------------------------------------------------- capture
 class _Captured:
-    """Per layer: attention calls (args, kwargs, output, valid positions) per chunk of
-    prompts, and the FFN inputs/outputs and residual stream at valid positions, flattened."""
+    """Per layer and per chunk of prompts this rank holds (global chunk ids in `ids`):
+    attention calls (args, kwargs, output, valid positions), and the FFN inputs/outputs and
+    residual stream at valid positions. `n_chunks` counts every rank's chunks."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, ranks: RankGroup, n_chunks: int):
+        self.ranks, self.n_chunks = ranks, n_chunks
+        self.ids: list[int] = []
+        self.positions = 0  # valid positions over every chunk
         self.attn: list[list[tuple]] = [[] for _ in range(n_layers)]
         self.ffn_in: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.ffn_out: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
@@ -104,14 +114,18 @@ class _Captured:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, mask) forwarded
         self.logp: list[torch.Tensor] = []  # dense log-probabilities at valid positions
 
-    def flat(self, name: str, li: int) -> torch.Tensor:
-        return torch.cat(getattr(self, name)[li])
+    def reduce(self, local: list) -> list:
+        """This rank's per-chunk partials (in `ids` order) -> every chunk's, in chunk order."""
+        return self.ranks.gather(dict(zip(self.ids, local)), self.n_chunks)
 
 
-CHUNK = 8  # prompts per capture forward (right-padded; causal, so padding changes nothing)
+# Prompts per capture forward (right-padded; causal, so padding changes nothing). Also the
+# unit of sharding: small enough that 32 prompts keep 8 ranks busy, large enough to batch.
+CHUNK = 4
 
 
-def _chunks(prompts, size: int = CHUNK):
+def _chunks(prompts, size: int = CHUNK) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
     for i in range(0, len(prompts), size):
         group = [p.reshape(-1) for p in prompts[i:i + size]]
         t = max(len(p) for p in group)
@@ -119,12 +133,14 @@ def _chunks(prompts, size: int = CHUNK):
         mask = torch.zeros(len(group), t, dtype=torch.long)
         for j, p in enumerate(group):
             ids[j, :len(p)], mask[j, :len(p)] = p, 1
-        yield ids, mask
+        out.append((ids, mask))
+    return out
 
 
 @torch.no_grad()
-def _capture(model, smap, pt: PerToken, prompts) -> _Captured:
-    cap = _Captured(smap.n_layers)
+def _capture(model, smap, pt: PerToken, prompts, ranks: RankGroup = SINGLE) -> _Captured:
+    chunks = _chunks(prompts)
+    cap = _Captured(smap.n_layers, ranks, len(chunks))
     valid = {}
     handles = []
     for li, layer in enumerate(smap.layers):
@@ -149,26 +165,38 @@ def _capture(model, smap, pt: PerToken, prompts) -> _Captured:
         lambda mod, args: cap.head_in.append(args[0][valid["m"]])))
     pt.mode = "dense"
     try:
-        for ids, mask in _chunks(prompts):
+        for k in ranks.mine(len(chunks)):
+            ids, mask = chunks[k]
             valid["m"] = mask.bool()
             out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            cap.ids.append(k)
             cap.chunks.append((ids, mask))
             cap.logp.append(torch.log_softmax(out.logits[valid["m"]].float(), -1))
     finally:
         for h in handles:
             h.remove()
+    cap.positions = sum(cap.reduce([int(mask.sum()) for _, mask in cap.chunks]))
     return cap
 
 
 # ----------------------------------------------------------------------------- menus
-def _distortion(out: torch.Tensor, ref: torch.Tensor, resid: torch.Tensor) -> float:
-    """Mean over positions of |dy_t|^2 / |r_t|^2: a part's output change relative to the
-    residual stream at the same position. Per position, because SmolLM2's first position
-    carries a residual ~100x the others' from layer 11 on (an attention sink): pooled energy
-    would make those layers look free to sparsify."""
+def _distortion_sum(out: torch.Tensor, ref: torch.Tensor, resid: torch.Tensor) -> float:
+    """Sum over one chunk's positions of |dy_t|^2 / |r_t|^2 (the distortion is its mean over
+    every chunk's positions): a part's output change relative to the residual stream at the
+    same position. Per position, because SmolLM2's first position carries a residual ~100x the
+    others' from layer 11 on (an attention sink): pooled energy would make those layers look
+    free to sparsify."""
     num = (out - ref).double().pow(2).sum(-1)
     den = resid.double().pow(2).sum(-1).clamp_min(1e-30)
-    return float((num / den).mean())
+    return float((num / den).sum())
+
+
+def _chunk_means(cap: _Captured, sums: list[list[float]]) -> list[float]:
+    """sums[point][j]: menu point's distortion sum on this rank's j-th chunk -> per point, the
+    mean over every chunk's positions (chunk sums added in chunk order)."""
+    per_chunk = cap.reduce([list(col) for col in zip(*sums)] if sums else [[] for _ in cap.ids])
+    return [sum(chunk[p] for chunk in per_chunk) / max(cap.positions, 1)
+            for p in range(len(sums))]
 
 
 @torch.no_grad()
@@ -178,31 +206,33 @@ def _menu(model, smap, pt: PerToken, cap: _Captured, li: int, part: str, shapes)
     bits, group = pt.plan["sketch"]["bits"], pt.plan["sketch"]["group"]
     module = pt.parts[li][part]
     attn = model.get_submodule(smap.layers[li].attention.module)
-    resid = cap.flat("resid", li)
-    rows = []
+    resid = cap.resid[li]
+    sums = []  # [menu point][this rank's chunk]
     if part == "ffn":
         menu = [c for c in FFN_MENU if c["op"] != "sketch" or module.sketches is not None]
-        x, ref = cap.flat("ffn_in", li), cap.flat("ffn_out", li)
+        costs = [ffn_bytes(cfg, h, shapes.ffn_width[li], shapes.gated[li], el, bits, group)
+                 for cfg in menu]
         for cfg in menu:
             module.cfg = cfg
-            rows.append((cfg, ffn_bytes(cfg, h, shapes.ffn_width[li], shapes.gated[li], el, bits,
-                                        group), _distortion(module(x), ref, resid)))
+            sums.append([_distortion_sum(module(x), ref, r) for x, ref, r in
+                         zip(cap.ffn_in[li], cap.ffn_out[li], resid)])
         module.cfg = {"op": "dense"}
         dense = ffn_bytes({"op": "dense"}, h, shapes.ffn_width[li], shapes.gated[li], el, bits,
                           group)
     else:
         n_in, n_out = (h, shapes.qkv_out[li]) if part == "qkv" else (shapes.o_in[li], h)
-        ref = torch.cat([r[m] for _, _, r, m in cap.attn[li]])
-        for cfg in INPUT_MENU:
+        menu = list(INPUT_MENU)
+        costs = [input_bytes(cfg, n_in, n_out, el) for cfg in menu]
+        for cfg in menu:
             module.cfg = cfg
-            outs = []
-            for a, kw, _, m in cap.attn[li]:
+            row = []
+            for (a, kw, ref, m), r in zip(cap.attn[li], resid):
                 o = attn(*a, **kw)
-                outs.append((o[0] if isinstance(o, tuple) else o)[m])
-            rows.append((cfg, input_bytes(cfg, n_in, n_out, el),
-                         _distortion(torch.cat(outs), ref, resid)))
+                row.append(_distortion_sum((o[0] if isinstance(o, tuple) else o)[m], ref[m], r))
+            sums.append(row)
         module.cfg = {"op": "dense"}
         dense = input_bytes({"op": "dense"}, n_in, n_out, el)
+    rows = list(zip(menu, costs, _chunk_means(cap, sums)))
     return [({"op": "dense"}, dense, 0.0)] + rows
 
 
@@ -227,17 +257,19 @@ def _sensitivity(model, pt: PerToken, cap: _Captured, li: int, part: str, menu) 
         return 0.0
     module = pt.parts[li][part]
     module.cfg = cfg
-    kl, n = 0.0, 0
+    local_kl = []  # per chunk of this rank: summed KL over its positions
     try:
         pt.mode = "pertoken"
         for (ids, mask), logp in zip(cap.chunks, cap.logp):
             out = model(input_ids=ids, attention_mask=mask, use_cache=False)
             q = torch.log_softmax(out.logits[mask.bool()].float(), -1)
-            kl += float((logp.exp() * (logp - q)).sum(-1).double().sum())
-            n += logp.shape[0]
+            local_kl.append(float((logp.exp() * (logp - q)).sum(-1).double().sum()))
     finally:
         module.cfg = {"op": "dense"}
-    return max(kl / max(n, 1), 0.0) / local
+    kl = 0.0
+    for chunk_kl in cap.reduce(local_kl):  # in chunk order, as one process adds them
+        kl += chunk_kl
+    return max(kl / max(cap.positions, 1), 0.0) / local
 
 
 def _hull(points):
@@ -264,13 +296,12 @@ def _slope(a, b) -> float:
 # ----------------------------------------------------------------------------- lm_head
 @torch.no_grad()
 def _choose_head(pt: PerToken, cap: _Captured, head_top1: float, head_kl: float):
-    x = torch.cat(cap.head_in)
     head = pt.head
-    exact = head.head(x).float()
     if head.sketch is None:
         return {"op": "dense"}, {"reason": "no lm_head sketch"}
-    vocab = exact.shape[-1]
-    logp = torch.log_softmax(exact, -1)
+    vocab = head.weight.shape[0]
+    exact = [head.head(x).float() for x in cap.head_in]  # per chunk of this rank
+    logp = [torch.log_softmax(e, -1) for e in exact]
     saved = pt.plan
     tried = []
     try:
@@ -280,9 +311,15 @@ def _choose_head(pt: PerToken, cap: _Captured, head_top1: float, head_kl: float)
                 break
             cfg = {"op": "sketch", "candidates": n}
             pt.plan = {**saved, "lm_head": cfg}
-            got = head(x).float()
-            top1 = float((got.argmax(-1) == exact.argmax(-1)).float().mean())
-            kl = float((logp.exp() * (logp - torch.log_softmax(got, -1))).sum(-1).mean())
+            local = []  # per chunk: (positions whose top-1 is kept, summed KL)
+            for x, e, lp in zip(cap.head_in, exact, logp):
+                got = head(x).float()
+                local.append((int((got.argmax(-1) == e.argmax(-1)).sum()), float(
+                    (lp.exp() * (lp - torch.log_softmax(got, -1))).sum(-1).double().sum())))
+            agree, kl = 0, 0.0
+            for chunk_agree, chunk_kl in cap.reduce(local):  # in chunk order
+                agree, kl = agree + chunk_agree, kl + chunk_kl
+            top1, kl = agree / max(cap.positions, 1), kl / max(cap.positions, 1)
             tried.append({"candidates": n, "top1": top1, "kl": kl})
             if top1 >= head_top1 and kl <= head_kl:
                 return cfg, {"tried": tried}
@@ -295,17 +332,18 @@ def _choose_head(pt: PerToken, cap: _Captured, head_top1: float, head_kl: float)
 def greedy_path(model, smap: StructureMap, prompts: list[torch.Tensor], sketches: dict,
                 bits: int = 3, group: int = 64, head_top1: float = 0.995,
                 head_kl: float = 0.01, parts=PARTS, head: bool = True,
-                progress=None) -> tuple[Path, dict]:
+                progress=None, ranks: RankGroup = SINGLE) -> tuple[Path, dict]:
     """The allocation path from dense (with the lm_head chosen) to the sparsest plan.
 
     `parts` limits which parts may leave dense (("ffn",) for an FFN-only allocation) and
-    head=False keeps the lm_head dense; `progress()` is called once per part measured."""
+    head=False keeps the lm_head dense; `progress()` is called once per part measured.
+    `ranks`: this process's share of the calibration chunks (every rank returns the path)."""
     if not prompts:
         raise UserInputError("allocation needs at least one calibration prompt")
     plan = dense_plan(smap, bits, group)
     pt = PerToken(model, smap, plan, sketches)
     try:
-        cap = _capture(model, smap, pt, prompts)
+        cap = _capture(model, smap, pt, prompts, ranks)
         head_cfg, head_report = (_choose_head(pt, cap, head_top1, head_kl) if head
                                  else ({"op": "dense"}, {"reason": "kept dense"}))
         pt.mode = "pertoken"
@@ -362,46 +400,56 @@ def plan_for_budget(path: Path, budget: float) -> tuple[dict, int]:
 
 
 @torch.no_grad()
-def decode_kl(model, pt: PerToken, prompts: list[torch.Tensor], splits=None) -> dict:
+def decode_kl(model, pt: PerToken, prompts: list[torch.Tensor], splits=None,
+              ranks: RankGroup = SINGLE) -> dict:
     """Teacher-forced check of the path as decode runs it: each prompt's first half (or its
     first splits[i] tokens) prefilled dense into a KV cache, the rest in one per-token forward
-    on that cache; token-weighted KL(dense || path) and top-1 agreement over those positions."""
-    from transformers import DynamicCache
-
+    on that cache; token-weighted KL(dense || path) and top-1 agreement over those positions.
+    Each prompt runs on the rank that owns it; the sums are added in prompt order."""
     kl_sum, agree, n = 0.0, 0.0, 0
-    for i, ids in enumerate(prompts):
-        ids = ids.view(1, -1)
-        half = max(1, ids.shape[1] // 2) if splits is None else int(splits[i])
-        if ids.shape[1] - half < 1:
-            continue
-        logp = []
-        for mode in ("dense", "pertoken"):
-            cache = DynamicCache(config=model.config)
-            pt.mode = "dense"
-            model(input_ids=ids[:, :half], **cache_kwargs(model, cache), use_cache=True)
-            pt.mode = mode
-            try:
-                out = model(input_ids=ids[:, half:], **cache_kwargs(model, cache), use_cache=True)
-            finally:
-                pt.mode = "dense"
-            logp.append(torch.log_softmax(out.logits[0].double(), -1))
-        d, g = logp
-        kl_sum += float((d.exp() * (d - g)).sum(-1).sum())
-        agree += float((d.argmax(-1) == g.argmax(-1)).double().sum())
-        n += d.shape[0]
+    for part in ranks.map(len(prompts), lambda i: _decode_kl_one(
+            model, pt, prompts[i], None if splits is None else splits[i])):
+        if part is not None:
+            kl_sum, agree, n = kl_sum + part[0], agree + part[1], n + part[2]
     return {"kl": kl_sum / max(n, 1), "top1": agree / max(n, 1), "tokens": n}
 
 
-def plan_at_kl(path: Path, model, pt: PerToken, prompts, max_kl: float) -> tuple[dict, int, dict]:
+def _decode_kl_one(model, pt: PerToken, ids: torch.Tensor, split) -> tuple | None:
+    """(summed KL, top-1 agreements, positions) of one prompt; None if nothing is decoded."""
+    from transformers import DynamicCache
+
+    ids = ids.view(1, -1)
+    half = max(1, ids.shape[1] // 2) if split is None else int(split)
+    if ids.shape[1] - half < 1:
+        return None
+    logp = []
+    for mode in ("dense", "pertoken"):
+        cache = DynamicCache(config=model.config)
+        pt.mode = "dense"
+        model(input_ids=ids[:, :half], **cache_kwargs(model, cache), use_cache=True)
+        pt.mode = mode
+        try:
+            out = model(input_ids=ids[:, half:], **cache_kwargs(model, cache), use_cache=True)
+        finally:
+            pt.mode = "dense"
+        logp.append(torch.log_softmax(out.logits[0].double(), -1))
+    d, g = logp
+    return (float((d.exp() * (d - g)).sum(-1).sum()),
+            float((d.argmax(-1) == g.argmax(-1)).double().sum()), d.shape[0])
+
+
+def plan_at_kl(path: Path, model, pt: PerToken, prompts, max_kl: float,
+               ranks: RankGroup = SINGLE) -> tuple[dict, int, dict]:
     """The sparsest prefix of the path whose decode_kl on `prompts` is at most max_kl
-    (bisection: KL grows along the path up to measurement noise); (plan, steps, check)."""
+    (bisection: KL grows along the path up to measurement noise); (plan, steps, check).
+    Every rank takes the same bisection steps (each decode_kl is gathered)."""
     lo, hi = 0, len(path.steps)  # lo always meets the target (dense + head choice)
     pt.configure(path.plan_after(0))
-    best = decode_kl(model, pt, prompts)
+    best = decode_kl(model, pt, prompts, ranks=ranks)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         pt.configure(path.plan_after(mid))
-        check = decode_kl(model, pt, prompts)
+        check = decode_kl(model, pt, prompts, ranks=ranks)
         if check["kl"] <= max_kl:
             lo, best = mid, check
         else:

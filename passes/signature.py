@@ -71,6 +71,39 @@ def _energy_hook(store: dict, key, col_norm2: torch.Tensor):
     return hook
 
 
+def energy_hooks(model, smap: StructureMap, li: int, store: dict) -> list:
+    """Forward pre-hooks on layer li's o and down projections that put one forward's
+    energies in store[("o", li)] / store[("down", li)]; the handles."""
+    layer, handles = smap.layers[li], []
+    a, f = layer.attention, layer.ffn
+    if a is not None:
+        o = model.get_submodule(a.o)
+        handles.append(o.register_forward_pre_hook(
+            _energy_hook(store, ("o", li), _input_col_norms2(o, a.weight_layout))))
+    if f is not None:
+        down = model.get_submodule(f.down)
+        handles.append(down.register_forward_pre_hook(
+            _energy_hook(store, ("down", li), _input_col_norms2(down, f.weight_layout))))
+    return handles
+
+
+def layer_signature(smap: StructureMap, layout: UnitLayout, li: int, store: dict,
+                    row: np.ndarray) -> None:
+    """Fill layer li's slots of one prompt's signature row from its hooked energies; a
+    layer's head + channel energies sum to 1."""
+    parts = []
+    if li in layout.heads:
+        cols = store[("o", li)]
+        parts.append((layout.heads[li], torch.stack(
+            [cols[c].sum() for c in smap.layers[li].attention.o_cols])))
+    if li in layout.channels:
+        parts.append((layout.channels[li], store[("down", li)]))
+    if parts:
+        total = float(sum(e.sum() for _, e in parts)) or 1.0
+        for sl, e in parts:
+            row[sl] = e.double().numpy() / total
+
+
 @torch.no_grad()
 def prompt_signatures(model: torch.nn.Module, smap: StructureMap,
                       prompts: list[torch.Tensor], on_prompt=None) -> np.ndarray:
@@ -78,34 +111,14 @@ def prompt_signatures(model: torch.nn.Module, smap: StructureMap,
     `on_prompt()` is called after each prompt (progress display)."""
     layout = unit_layout(smap)
     store: dict = {}
-    handles = []
-    for li, layer in enumerate(smap.layers):
-        a, f = layer.attention, layer.ffn
-        if a is not None:
-            o = model.get_submodule(a.o)
-            handles.append(o.register_forward_pre_hook(
-                _energy_hook(store, ("o", li), _input_col_norms2(o, a.weight_layout))))
-        if f is not None:
-            down = model.get_submodule(f.down)
-            handles.append(down.register_forward_pre_hook(
-                _energy_hook(store, ("down", li), _input_col_norms2(down, f.weight_layout))))
+    handles = [h for li in range(smap.n_layers) for h in energy_hooks(model, smap, li, store)]
     sig = np.zeros((len(prompts), layout.n_units))
     try:
         for p, ids in enumerate(prompts):  # one at a time: no padding to get wrong
             store.clear()
             logits_of(model, ids.view(1, -1))
-            for li in range(smap.n_layers):  # a layer's head + channel energies sum to 1
-                parts = []
-                if li in layout.heads:
-                    cols = store[("o", li)]
-                    parts.append((layout.heads[li], torch.stack(
-                        [cols[c].sum() for c in smap.layers[li].attention.o_cols])))
-                if li in layout.channels:
-                    parts.append((layout.channels[li], store[("down", li)]))
-                if parts:
-                    total = float(sum(e.sum() for _, e in parts)) or 1.0
-                    for sl, e in parts:
-                        sig[p, sl] = e.double().numpy() / total
+            for li in range(smap.n_layers):
+                layer_signature(smap, layout, li, store, sig[p])
             if on_prompt is not None:
                 on_prompt()
     finally:
