@@ -209,6 +209,7 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
         vocab = session.model.get_input_embeddings().weight.shape[0]
         gen = torch.Generator().manual_seed(seed)
         rows = []
+        bandwidth = {}  # threads -> GB/s of a streaming read, measured in this run (CPU)
         prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=gen).to(dev)
                    for b in batch_sizes}
         with bar("timing", len(thread_counts) * len(batch_sizes) * len(paths), unit="paths",
@@ -216,6 +217,9 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             for nt, b in ((nt, b) for nt in thread_counts for b in batch_sizes):
                 if nt:
                     torch.set_num_threads(nt)
+                threads_now = torch.get_num_threads()
+                if dev.type == "cpu" and threads_now not in bandwidth:
+                    bandwidth[threads_now] = read_bandwidth_gbps()
                 ids = prompts[b]
                 dense_tok_s = None
                 for name, cid, model, nbytes, fp32 in paths:
@@ -244,6 +248,11 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                     # per-token rows: of the dense storage bytes (int8 rows below 1 at full)
                     density = (nbytes / smap.total_bytes if on_pt else
                                session.classes[cid].density if static else 1.0)
+                    # what the step streams: the kernels read their storage dtype; torch paths
+                    # multiply fp32 matrices (masks: every weight, whatever they keep)
+                    read = (nbytes if on_pt and cid[1] else
+                            dense_fp32 if on_pt else fp32)
+                    gbps = read / (t["step_ms"]["median"] * 1e-3) / 1e9
                     row = {"threads": torch.get_num_threads(), "batch": b, "path": name,
                            "class_id": cid if static else None,
                            "density": density,
@@ -255,8 +264,9 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                            "bytes_ratio": dense_fp32 / fp32,
                            "bytes_ratio_storage": paths[0][3] / nbytes if nbytes else None,
                            "speedup": med / dense_tok_s,
-                           "gbps": (fp32 / (t["step_ms"]["median"] * 1e-3) / 1e9
-                                    if dev.type == "cuda" else None)}
+                           "read_bytes": read, "gbps": gbps,
+                           "pct_bandwidth": (100 * gbps / bandwidth[threads_now]
+                                             if threads_now in bandwidth else None)}
                     rows.append(row)
                     advance()
                 rows.extend({"threads": torch.get_num_threads(), "batch": b, **s}
@@ -280,7 +290,26 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
         torch.set_num_threads(old_threads)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": hardware, "versions": versions, "args": args,
-            "storage_dtype": smap.dtype if smap else None, "rows": rows, **extra}
+            "storage_dtype": smap.dtype if smap else None,
+            "read_bandwidth_GBps": {str(k): v for k, v in bandwidth.items()}, "rows": rows,
+            **extra}
+
+
+def read_bandwidth_gbps(nbytes: int = 256 * 2**20, reps: int = 3) -> float:
+    """The machine's read bandwidth at torch's thread count: the best of `reps` streaming
+    reads of an nbytes buffer (runtime.cpu_kernels.read_bandwidth; torch's sum without it)."""
+    from cscompile.runtime import cpu_kernels
+
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    read = (cpu_kernels.read_bandwidth if cpu_kernels.available()
+            else lambda b: int(b.sum(dtype=torch.int64)))
+    read(buf)  # first touch
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        read(buf)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
 
 
 def runtime_overhead(target, prompt_len=128, new_tokens=32, repeats=3, threads=None,
@@ -359,6 +388,8 @@ def print_bench(result: dict, console) -> None:
             "MB/step fp32", "ceiling ×", "achieved ×"]
     if any(r.get("gbps") for r in result["rows"]):
         cols.append("GB/s")
+    if any(r.get("pct_bandwidth") for r in result["rows"]):
+        cols.append("% bw")
     for col in cols:
         table.add_column(col, justify="left" if col == "path" else "right")
     last = None
@@ -378,7 +409,10 @@ def print_bench(result: dict, console) -> None:
                  f"{r['bytes_ratio']:.2f}",
                  f"{r['speedup']:.2f}" if r.get("speedup") is not None else "–"]
         if "GB/s" in cols:
-            cells.append(f"{r['gbps']:.1f}")
+            cells.append(f"{r['gbps']:.1f}" if r.get("gbps") is not None else "–")
+        if "% bw" in cols:
+            cells.append(f"{r['pct_bandwidth']:.0f}" if r.get("pct_bandwidth") is not None
+                         else "–")
         table.add_row(*cells)
     console.print(table)
 

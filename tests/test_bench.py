@@ -60,7 +60,9 @@ def test_rows_for_dense_and_each_class(bundle):
             s = r[key]
             assert 0 < s["min"] <= s["median"] <= s["max"], (r["path"], key, s)
         assert r["prefill_on"] == ("dense" if r["class_id"] is None else "compact")
-        assert r["gbps"] is None  # CPU
+        # CPU: what the step streams over its time, against a read measured in the same run
+        assert r["gbps"] > 0 and r["pct_bandwidth"] == pytest.approx(
+            100 * r["gbps"] / result["read_bandwidth_GBps"]["1"])
         if r["class_id"] is not None and r["density"] < 1:
             assert r["bytes_ratio"] > 1 and r["bytes_ratio_storage"] > 1
             assert r["weight_bytes_fp32"] < rows[0]["weight_bytes_fp32"]

@@ -22,48 +22,41 @@ def _models(tiny, stories):
     return [tiny("llama")[0].model, tiny("qwen2")[0].model, stories[0].model]
 
 
+def _steps_equal_hf(model, batch: int, seed: int, cache_atol: float, **kw):
+    """Four decode_logits(**kw) steps after an 8-token prefill give the HF forward's logits,
+    and the caches they leave agree within cache_atol."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 12),
+                        generator=torch.Generator().manual_seed(seed))
+    ref_cache, our_cache = _prefill(model, ids[:, :8]), _prefill(model, ids[:, :8])
+    for t in range(8, 12):
+        step = ids[:, t:t + 1]
+        with torch.no_grad():
+            want = model(input_ids=step, **cache_kwargs(model, ref_cache), use_cache=True).logits
+        got = decode_logits(model, step, our_cache, **kw)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    for a, b in zip(ref_cache.layers, our_cache.layers):
+        assert torch.allclose(a.keys, b.keys, atol=cache_atol), (a.keys - b.keys).abs().max()
+        assert torch.allclose(a.values, b.values, atol=cache_atol)
+
+
 def test_equals_hf_forward_over_several_steps(tiny, stories):
     for model in _models(tiny, stories):
         assert supports(model), model.config.model_type
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
-        ref_cache, our_cache = _prefill(model, ids[:, :8]), _prefill(model, ids[:, :8])
-        for t in range(8, 12):
-            step = ids[:, t:t + 1]
-            with torch.no_grad():
-                want = model(input_ids=step, **cache_kwargs(model, ref_cache),
-                             use_cache=True).logits
-            got = decode_logits(model, step, our_cache)
-            assert got.shape == want.shape
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
-        for a, b in zip(ref_cache.layers, our_cache.layers):
-            assert torch.allclose(a.keys, b.keys, atol=1e-6)
-            assert torch.allclose(a.values, b.values, atol=1e-6)
+        _steps_equal_hf(model, batch=2, seed=0, cache_atol=1e-6)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
 def test_batch1_kernel_step_equals_hf_forward(tiny, stories, monkeypatch):
     """kernels=True: one row's norms, RoPE and attention on runtime.cpu_kernels, same logits
-    and cache as the HF forward (and the kernels are what ran)."""
+    and cache as the HF forward (and the kernels are what ran). The kernels' norm sums in
+    another order: the cache agrees to float rounding."""
     calls = []
     real = cpu_kernels.attention_row
     monkeypatch.setattr(cpu_kernels, "attention_row",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     for model in _models(tiny, stories):
-        ids = torch.randint(0, model.config.vocab_size, (1, 12),
-                            generator=torch.Generator().manual_seed(2))
-        ref_cache, our_cache = _prefill(model, ids[:, :8]), _prefill(model, ids[:, :8])
-        for t in range(8, 12):
-            step = ids[:, t:t + 1]
-            with torch.no_grad():
-                want = model(input_ids=step, **cache_kwargs(model, ref_cache),
-                             use_cache=True).logits
-            got = decode_logits(model, step, our_cache, kernels=True)
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
-        for a, b in zip(ref_cache.layers, our_cache.layers):
-            # the kernels' norm sums in another order: the same values to float rounding
-            assert torch.allclose(a.keys, b.keys, atol=1e-5), (a.keys - b.keys).abs().max()
-            assert torch.allclose(a.values, b.values, atol=1e-5)
+        _steps_equal_hf(model, batch=1, seed=2, cache_atol=1e-5, kernels=True)
     assert len(calls) == 4 * sum(len(m.model.layers) for m in _models(tiny, stories))
 
 
