@@ -171,26 +171,26 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             # every weight on the same kernels and decode loop: what the backend alone gains
             paths.append(("dense (cpu kernels)", ("full", True, pt), session.model,
                           smap.total_bytes, dense_fp32))
+        def sized(plan_b: float) -> tuple[float, float]:
+            """plan_bytes' bytes as (storage bytes, the same fraction of the fp32 model)."""
+            storage = plan_b * smap.total_bytes / pt.bytes()["dense_bytes"]
+            return storage, storage * dense_fp32 / smap.total_bytes
+
         if int8:
             if pt is None or pt.cpu is None:
                 raise UserInputError("--int8 benches a bundle's per-token path on the CPU "
                                      "kernels: this target has none here")
             s8 = load(target, device=device, weights="int8")
             pt8 = s8.pertoken
-            dense8 = plan_bytes(dense_plan(smap), pt8.shapes)["bytes"]
-            scale = smap.total_bytes / pt.bytes()["dense_bytes"]  # plan bytes -> storage bytes
             paths.append(("dense int8 (cpu kernels)", ("full", True, pt8), s8.model,
-                          dense8 * scale, dense8 * scale * dense_fp32 / smap.total_bytes))
-            nb8 = pt8.bytes()["bytes"]
+                          *sized(plan_bytes(dense_plan(smap), pt8.shapes)["bytes"])))
             paths.append(("pertoken int8 (cpu kernels)", ("pertoken", True, pt8), s8.model,
-                          nb8 * scale, nb8 * scale * dense_fp32 / smap.total_bytes))
+                          *sized(pt8.bytes()["bytes"])))
         if pt is not None:  # the per-token path on its kernels, and as torch masks
-            nb = pt.bytes()
             for kernels in ([True, False] if pt.cpu is not None else [False]):
                 paths.append((f"pertoken ({'cpu kernels' if kernels else 'torch masks'})",
                               ("pertoken", kernels, pt), session.model,
-                              nb["bytes"] * smap.total_bytes / nb["dense_bytes"],
-                              dense_fp32 * nb["fraction"]))
+                              *sized(pt.bytes()["bytes"])))
         skipped = []
         for c in class_ids:
             cls = session.classes[c]
@@ -242,9 +242,8 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
                     runs_full = on_pt and (cid[0] == "full" or
                                            (cid[1] and path_pt.step_mode(b) == "full"))
                     if runs_full:  # a kernel step of several rows reads every weight
-                        full = plan_bytes(dense_plan(smap), path_pt.shapes)["bytes"]
-                        nbytes = full * smap.total_bytes / pt.bytes()["dense_bytes"]
-                        fp32 = nbytes * dense_fp32 / smap.total_bytes
+                        nbytes, fp32 = sized(plan_bytes(dense_plan(smap),
+                                                        path_pt.shapes)["bytes"])
                     # per-token rows: of the dense storage bytes (int8 rows below 1 at full)
                     density = (nbytes / smap.total_bytes if on_pt else
                                session.classes[cid].density if static else 1.0)

@@ -123,17 +123,22 @@ class CpuWeights:
     def ffn_fused(self, li: int, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """SiLU FFN over kept channels idx (None: all): one pass over the three rows of each
         (ffn_sparse) for float weights; int8 has no fused kernel: rows, SiLU, gather."""
-        w = self.ffn[li]
-        (g, sg), (u, su), (d, sd) = w["g"], w["u"], w["d_t"]
+        (g, sg), (u, su), (d, sd) = (self.ffn[li][k] for k in ("g", "u", "d_t"))
         x = x.float()
         if sg is None:
             return K.ffn_sparse(g, u, d, x, idx)
-        h = torch.nn.functional.silu(K.rows_gemv(g, x, idx, sg)) * K.rows_gemv(u, x, idx, su)
+        return K.gather_gemv(d, self._inter(li, x, idx, torch.nn.functional.silu), idx, sd)
+
+    def _inter(self, li: int, x: torch.Tensor, idx: torch.Tensor | None, act) -> torch.Tensor:
+        """act(gate(x)) * up(x) on channels idx (None: all) from the row-major copies, as a
+        full-width [B, W] float32 with zeros elsewhere."""
+        (g, sg), (u, su) = self.ffn[li]["g"], self.ffn[li]["u"]
+        h_idx = act(K.rows_gemv(g, x, idx, sg)) * K.rows_gemv(u, x, idx, su)
         if idx is None:
-            return K.gather_gemv(d, h, None, sd)
-        full = torch.zeros(x.shape[0], g.shape[0])
-        full[:, idx.long()] = h
-        return K.gather_gemv(d, full, idx, sd)
+            return h_idx
+        h = torch.zeros(x.shape[0], g.shape[0], dtype=torch.float32)
+        h[:, idx.long()] = h_idx
+        return h
 
     def head_exact(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         w, s = self.head
@@ -143,17 +148,12 @@ class CpuWeights:
                      silu: bool):
         """Sketch op: exact h on each row's candidate channels, the top k of them kept (all,
         when there are k), then down over the kept: (y [B, H], keep [B, W])."""
-        w = self.ffn[li]
-        (g, sg), (u, su), (d, sd) = w["g"], w["u"], w["d_t"]
+        d, sd = self.ffn[li]["d_t"]
         x = x.float()
         n_cand = int(cand[0].sum())
         if x.shape[0] == 1 and n_cand == k and silu:
             return self.ffn_fused(li, x, _union(cand)), cand
-        idx = _union(cand)
-        h_idx = act(K.rows_gemv(g, x, idx, sg)) * K.rows_gemv(u, x, idx, su)
-        h = torch.zeros(x.shape[0], cand.shape[1], dtype=torch.float32)
-        h[:, idx.long()] = h_idx
-        h = h * cand
+        h = self._inter(li, x, _union(cand), act) * cand
         keep = cand
         if n_cand > k:  # re-rank: keep each row's k largest exact |h| among its candidates
             from .pertoken import topk_mask

@@ -403,6 +403,7 @@ class _Path:
         self.kind = kind
         self.pertoken = session.pertoken if kind == "pertoken" else None
         self.lean_step = self.pertoken is not None and decode_step_supports(session.model)
+        self._step_bytes: dict[int, tuple[float, int]] = {}
         if self.pertoken is not None:
             self.pertoken_fraction, self.pertoken_bytes = self.pertoken_step(1)
         self.use_class = class_id is not None and kind == "static"
@@ -420,9 +421,12 @@ class _Path:
                 * smap.channel_bytes(li) for li in self.kept_layers if smap.layers[li].ffn)
 
     def pertoken_step(self, rows: int) -> tuple[float, int]:
-        """(fraction of dense, weight bytes) a per-token step of `rows` rows reads."""
-        nb = self.pertoken.bytes(rows)
-        return nb["fraction"], int(round(nb["bytes"]))
+        """(fraction of dense, weight bytes) a per-token step of `rows` rows reads; cached per
+        row count, since a batch asks at every step and the plan is fixed for this path."""
+        if rows not in self._step_bytes:
+            nb = self.pertoken.bytes(rows)
+            self._step_bytes[rows] = nb["fraction"], int(round(nb["bytes"]))
+        return self._step_bytes[rows]
 
     @property
     def name(self) -> str:
