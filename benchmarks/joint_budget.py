@@ -12,7 +12,10 @@ storage element size. Methods at equal total bytes:
   importance, all with the same sinks and recent window), or prompt tokens dropped before the
   prefill by self-information (LLMLingua-like; its prefill speedup reported on its own);
 * joint: a SnapKV-like kv keep fraction and the weight budget the total leaves, swept; the
-  best split per length reported in-sample and chosen leave-one-prompt-out.
+  best split per length reported in-sample and chosen leave-one-prompt-out;
+* joint, split from the build's table: the split runtime.kv_reduce.choose_split picks for
+  the prompt's length from a passes.split table calibrated as `cscompile build` calibrates
+  it, on calibration material the evaluation never uses (what `cscompile run --budget` does).
 
 Long prompts (1k-4k tokens) from ../shared/data: several xsum articles concatenated, then a
 request to summarise one of them; long few-shot gsm8k (solved examples, then a question).
@@ -23,15 +26,14 @@ computes it) and scored by KL(dense || method) and top-1 agreement on the answer
     python benchmarks/joint_budget.py            # results/joint_budget_smollm2.{md,json,png}
     python benchmarks/joint_budget.py --replot   # rewrite .md/.png from the JSON
 
-On 2 shared CPU cores: the allocation path ~20 min once (kept in --alloc-cache), then ~10 min
-for 6 prompts of ~1.25k and ~2.7k tokens.
+On 2 shared CPU cores: the allocation path ~20 min once (kept as JSON in --alloc-cache), the
+split table a few minutes, then ~10 min for 6 prompts of ~1.25k and ~2.7k tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import platform
 import random
 import sys
@@ -47,11 +49,12 @@ from transformers import DynamicCache  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from cscompile.frontend import analyze, load_model  # noqa: E402
-from cscompile.passes.allocate import greedy_path  # noqa: E402
+from cscompile.passes.allocate import Path as Path_, greedy_path  # noqa: E402
 from cscompile.passes.sketch import sketch  # noqa: E402
 from cscompile.runtime.generate import encode  # noqa: E402
 
 CALIB_LEN = 96  # tokens per allocation calibration prompt (weights do not need long prompts)
+SPLIT_ROWS = (920, 12)  # xsum rows (first, count) the split table's long contexts are made of
 
 
 def calibration_prompts(tok, n_xsum: int = 4, n_gsm: int = 2) -> list[torch.Tensor]:
@@ -66,14 +69,23 @@ def calibration_prompts(tok, n_xsum: int = 4, n_gsm: int = 2) -> list[torch.Tens
     return out
 
 
+def split_prompts(tok) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(long-context material, weight-curve prompts) for the split table, as the build takes
+    them (its build prompts whole, its held-out prompts cut to 256 tokens): xsum prompts of
+    rows the evaluation and the allocation never use."""
+    first, n = SPLIT_ROWS
+    rows = _rows("xsum")[first:first + n]
+    whole = [torch.tensor(tok(r["prompt"])["input_ids"]) for r in rows]
+    return whole, [w[:256] for w in whole[:8]]
+
+
 def allocation(model, smap, tok, cache_file: Path | None, err: Console, seed: int = 0):
     """(greedy path, sketches): the path read from cache_file when present, else measured
     (minutes on 2 cores) and written there."""
     sk = sketch(model, smap, bits=3, group=64, seed=seed)
     if cache_file and cache_file.is_file():
         err.print(f"allocation path read from {cache_file}")
-        path, _ = pickle.loads(cache_file.read_bytes())
-        return path, sk
+        return Path_.from_json(json.loads(cache_file.read_text())), sk
     prompts = calibration_prompts(tok)
     t0 = time.perf_counter()
     done = [0]
@@ -85,7 +97,7 @@ def allocation(model, smap, tok, cache_file: Path | None, err: Console, seed: in
 
     path, report = greedy_path(model, smap, prompts, sk, bits=3, group=64, progress=progress)
     if cache_file:
-        cache_file.write_bytes(pickle.dumps((path, report)))
+        cache_file.write_text(json.dumps(path.to_json()))
     err.print(f"allocation: {len(path.steps)} steps in {time.perf_counter() - t0:.0f} s")
     return path, sk
 
@@ -186,15 +198,22 @@ KV_METHODS = ("recent", "snapkv", "selfinfo", "measure")  # after a full prefill
 KV_LABELS = {"recent": "StreamingLLM-like (sinks + recent)", "snapkv": "SnapKV-like",
              "selfinfo": "LLMLingua-like KV (self-information)",
              "measure": "random measurements (lasso)",
-             "drop": "LLMLingua-like prompt dropping (before prefill)"}
+             "drop": "LLMLingua-like prompt dropping (before prefill)",
+             "drop_early": "LLMLingua-like prompt dropping, first-quarter scorer"}
 JOINT_KEEPS = (1.0, 0.75, 0.6, 0.5, 0.35, 0.25, 0.15, 0.1)
 
 
-def evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, item, budgets, args, err):
+CHOSEN = "joint, split from the build's table"
+CHOSEN_NEXT = "joint, split from a next-text-only table"  # the table before recall was added
+
+
+def evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, item, budgets, args, err,
+                    split_table=None):
     from cscompile.passes.allocate import plan_for_budget
     from cscompile.passes.token_importance import (measured_scores, selfinfo_scores,
                                                    snapkv_scores)
-    from cscompile.runtime.kv_reduce import decode_bytes, keep_positions, kv_bytes
+    from cscompile.runtime.kv_reduce import (choose_split, decode_bytes, keep_positions,
+                                             kv_bytes, scorer_layers)
     from cscompile.runtime.pertoken import count, dense_plan
 
     ids = item["ids"].view(1, -1)
@@ -209,6 +228,13 @@ def evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, item, budgets, 
                   "selfinfo": selfinfo_scores(model, ids, out.logits[0])}
         first = int(out.logits[0, -1].argmax())
         del out
+        t1 = time.perf_counter()
+        scores["selfinfo_early"] = selfinfo_scores(model, ids, layers=scorer_layers(model))
+        early_s = time.perf_counter() - t1
+        t1 = time.perf_counter()  # the runtime's prefill: no logits but the last position's
+        model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True,
+              logits_to_keep=1)
+        dense_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         scores["snapkv"] = snapkv_scores(model, ids, cache, args.window, 7)
         snap_s = time.perf_counter() - t1
@@ -264,6 +290,15 @@ def evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, item, budgets, 
                 continue
             keep, logits = run_kv("snapkv", k, plan)
             record("model only" if k == 1.0 else "joint (SnapKV)", name, plan, keep, k, logits)
+        if split_table is not None:  # what `cscompile run --budget` would run
+            next_only = {**split_table, "kv": [{**r, "kl": r["kl_next"]}
+                                               for r in split_table["kv"]]}
+            for label, tab in ((CHOSEN, split_table), (CHOSEN_NEXT, next_only)):
+                c = choose_split(tab, target / dense_total, n, new_tokens=G + 1)
+                plan = weight_plan(c["weight_budget"] + 1e-9)
+                keep, logits = run_kv("snapkv", c["kv_keep"], plan)
+                record(label, name, plan, keep, c["kv_keep"], logits,
+                       {"predicted_kl": c["predicted_kl"], "extrapolated": c["extrapolated"]})
         kv_only = (target - W) / per_pos - gen_pos  # prompt positions the weights leave
         if kv_only < args.sinks + 1:
             continue  # KV reduction alone cannot reach this total (weights alone exceed it)
@@ -271,20 +306,24 @@ def evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, item, budgets, 
         for method in KV_METHODS:
             keep, logits = run_kv(method, k, dplan)
             record(KV_LABELS[method], name, dplan, keep, k, logits)
-        # LLMLingua-like: drop prompt tokens by self-information BEFORE the prefill
-        keep = keep_positions(scores["selfinfo"], k, args.sinks, args.window)
-        short = ids[:, keep]
-        t1 = time.perf_counter()
-        c2 = DynamicCache(config=model.config)
-        with torch.no_grad():
-            o2 = model(input_ids=short, cache=c2, use_cache=True, logits_to_keep=1)
-        short_s = time.perf_counter() - t1
-        with torch.no_grad():
-            logits = answer_logits(model, pt, c2, answer, short.shape[1], False)
-        first_same = int(o2.logits[0, -1].argmax()) == first
-        record(KV_LABELS["drop"], name, dplan, keep, k, logits,
-               {"prefill_s": short_s, "dense_prefill_s": prefill_s,
-                "first_token_same": first_same})
+        # LLMLingua-like: drop prompt tokens by self-information BEFORE the prefill, scored
+        # by the whole model (its logits over the prompt: a full forward) or, as
+        # `run --prompt-keep` does, by the model's first quarter of layers
+        for label, score, score_s in (("drop", scores["selfinfo"], prefill_s),
+                                      ("drop_early", scores["selfinfo_early"], early_s)):
+            keep = keep_positions(score, k, args.sinks, args.window)
+            short = ids[:, keep]
+            t1 = time.perf_counter()
+            c2 = DynamicCache(config=model.config)
+            with torch.no_grad():
+                o2 = model(input_ids=short, cache=c2, use_cache=True, logits_to_keep=1)
+            short_s = time.perf_counter() - t1
+            with torch.no_grad():
+                logits = answer_logits(model, pt, c2, answer, short.shape[1], False)
+            first_same = int(o2.logits[0, -1].argmax()) == first
+            record(KV_LABELS[label], name, dplan, keep, k, logits,
+                   {"prefill_s": short_s, "score_s": score_s, "dense_prefill_s": dense_s,
+                    "first_token_same": first_same})
     err.print(f"  {item['name']}: {n} tokens, prefill {prefill_s:.1f} s, snapkv {snap_s:.1f} s, "
               f"measure {measure_s:.1f} s, {len(rows)} rows")
     return rows, {"prefill_s": prefill_s, "snapkv_s": snap_s, "measure_s": measure_s,
@@ -392,23 +431,43 @@ def write_report(out: Path, result: dict) -> None:
                              f"{s['loo_total_fraction']:.3f} | {s['loo_kl']:.4f} | "
                              f"{s['loo_top1']:.3f} | {s['loo_prompts']} |")
         lines.append("")
-    lines += ["## Where the split moves (best kv keep of the joint sweep, in-sample)", "",
-              "| budget | target length | best kv keep | its weight fraction | KL | top-1 |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["## Where the split moves (best kv keep of the joint sweep, in-sample; the "
+              "keep the build's table chose)", "",
+              "| budget | target length | best kv keep | its weight fraction | KL | top-1 | "
+              "table's kv keep | its weight fraction | KL | top-1 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in splits.values():
+        ours = [t for t in table if t["budget"] == s["budget"] and t["target"] == s["target"]
+                and t["method"] == CHOSEN]
+        tail = (f" {ours[0]['kept_positions'] / ours[0]['prompt_tokens']:.2f} | "
+                f"{ours[0]['weight_fraction']:.3f} | {ours[0]['kl']:.4f} | "
+                f"{ours[0]['top1']:.3f} |") if ours else " | | | |"
         lines.append(f"| {s['budget']} | {s['target']} | {s['best_kv_keep']:.2f} | "
                      f"{s['best_weight_fraction']:.3f} | {s['best_kl']:.4f} | "
-                     f"{s['best_top1']:.3f} |")
+                     f"{s['best_top1']:.3f} |" + tail)
+    cal = result.get("split_calibration")
+    if cal:
+        lines += ["", f"The build's table (passes.split) here: calibrated on {cal['material']} "
+                  f"in {cal['seconds']:.0f} s; KV KL at lengths "
+                  f"{sorted({r['length'] for r in cal['kv']})}, weight KL at budgets "
+                  f"{[w['budget'] for w in cal['weights']]}."]
     drop = [r for r in result["rows"] if "prefill_s" in r]
     if drop:
         lines += ["", "## Prompt dropping before prefill (LLMLingua-like): prefill time", "",
-                  "| prompt | tokens | kept | prefill s (dense) | prefill s (dropped) | speedup | first token as dense |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "Dense prefill = the runtime's (logits of the last position only). The "
+                  "scorer's time is charged: the whole-model scorer is a full forward with "
+                  "logits at every position, the first-quarter scorer (`run --prompt-keep`) "
+                  "runs the first quarter of the layers and the lm_head at every position.", "",
+                  "| prompt | tokens | scorer | kept | prefill s (dense) | scoring s | prefill s (dropped) | speedup, prefill alone | speedup, scoring included | KL | first token as dense |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in drop:
-            lines.append(f"| {r['prompt']} | {r['prompt_tokens']} | {r['kept_positions']} | "
-                         f"{r['dense_prefill_s']:.2f} | {r['prefill_s']:.2f} | "
+            scorer = "first quarter" if "first-quarter" in r["method"] else "whole model"
+            lines.append(f"| {r['prompt']} | {r['prompt_tokens']} | {scorer} | "
+                         f"{r['kept_positions']} | {r['dense_prefill_s']:.2f} | "
+                         f"{r['score_s']:.2f} | {r['prefill_s']:.2f} | "
                          f"{r['dense_prefill_s'] / r['prefill_s']:.2f}x | "
-                         f"{r['first_token_same']} |")
+                         f"{r['dense_prefill_s'] / (r['prefill_s'] + r['score_s']):.2f}x | "
+                         f"{r['kl']:.3f} | {r['first_token_same']} |")
     lines += ["", "Prompts:", ""] + [f"- {p['name']}: {p['kind']}, {p['tokens']} tokens"
                                      for p in result["prompts"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -425,7 +484,9 @@ def plot(out: Path, result: dict) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     markers = {"StreamingLLM-like (sinks + recent)": "v", "SnapKV-like": "s",
                "LLMLingua-like KV (self-information)": "^", "random measurements (lasso)": "D",
-               "LLMLingua-like prompt dropping (before prefill)": "x"}
+               "LLMLingua-like prompt dropping (before prefill)": "x",
+               "LLMLingua-like prompt dropping, first-quarter scorer": "+", CHOSEN: "*",
+               CHOSEN_NEXT: "P"}
     for ax, budget in zip(axes[0], names):
         for ci, target in enumerate(result["lengths"]):
             color = f"C{ci}"
@@ -438,8 +499,11 @@ def plot(out: Path, result: dict) -> None:
                         color=color, label=f"joint sweep, ~{n:.0f} tok (keep 1 = model only)")
             for t in table:
                 if t["budget"] == budget and t["target"] == target and t["method"] in markers:
+                    ours = t["method"] in (CHOSEN, CHOSEN_NEXT)  # drawn over the sweep
                     ax.scatter([t["kept_positions"] / t["prompt_tokens"]], [t["kl"]],
                                marker=markers[t["method"]], color=color,
+                               s=160 if ours else 36, edgecolors="black" if ours else None,
+                               linewidths=0.8, zorder=5 if ours else 3,
                                label=f"{t['method']}" if ci == 0 else None)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -455,8 +519,8 @@ def plot(out: Path, result: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--alloc-cache", default="/tmp/joint_budget_alloc_smollm2.pkl",
-                   help="pickle of the allocation path: read if present, else written")
+    p.add_argument("--alloc-cache", default="/tmp/joint_budget_alloc_smollm2.json",
+                   help="the allocation path (JSON): read if present, else written")
     p.add_argument("--alloc-only", action="store_true")
     p.add_argument("--lengths", default="1200,2600", help="target prompt lengths (tokens)")
     p.add_argument("--per-length", type=int, default=3, help="prompts per length")
@@ -475,6 +539,7 @@ def main() -> None:
         write_report(out, result)
         plot(out, result)
         return
+    from cscompile.passes.split import calibrate_split
     from cscompile.runtime.kv_reduce import kv_position_bytes
     from cscompile.runtime.pertoken import PerToken, Shapes, dense_plan
 
@@ -491,9 +556,15 @@ def main() -> None:
         return
     elsize = smap.elsize()  # storage bytes per element (2 for SmolLM2's bf16), as plan_bytes
     pt = PerToken(model, smap, dense_plan(smap), sk, elsize=elsize)
-    pt.detach()  # attached only inside the per-token forwards (runtime.generate.pertoken_steps)
     shapes = Shapes.of(model, smap, elsize)
     per_pos = kv_position_bytes(model, smap, elsize)
+    t0 = time.perf_counter()
+    whole, held = split_prompts(tok)
+    split_table = calibrate_split(model, pt, path, whole, held, loaded.context_length, per_pos)
+    split_s = time.perf_counter() - t0
+    err.print(f"split table: {len(split_table['weights'])} weight budgets, "
+              f"{len(split_table['kv'])} (length, keep) points in {split_s:.0f} s")
+    pt.detach()  # attached only inside the per-token forwards (runtime.generate.pertoken_steps)
     lengths = [int(x) for x in args.lengths.split(",")]
     items = long_prompts(tok, lengths, args.per_length, args.seed)
     for i, it in enumerate(items):
@@ -505,7 +576,7 @@ def main() -> None:
     for i, it in enumerate(items):
         err.print(f"[{i + 1}/{len(items)}] {time.perf_counter() - started:.0f} s")
         got, meta = evaluate_prompt(model, smap, tok, pt, path, shapes, per_pos, it, budgets,
-                                    args, err)
+                                    args, err, split_table)
         for r in got:
             r["target"] = it["target"]
         rows += got
@@ -521,6 +592,9 @@ def main() -> None:
               "prompts": [{"name": it["name"], "kind": it["kind"], "tokens": it["ids"].numel(),
                            "target": it["target"], **info[it["name"]]} for it in items],
               "rows": rows, "table": table, "splits": splits,
+              "split_calibration": {**split_table, "seconds": split_s,
+                                    "material": f"xsum rows {SPLIT_ROWS[0]}.."
+                                                f"{sum(SPLIT_ROWS) - 1}, whole prompts"},
               "split_table": {f"{s['budget']}@{s['target']}": s["best_kv_keep"]
                               for s in splits.values()}}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ LAYOUTS = ("gather", "compact")
 DEFAULT_BUDGET = 0.7
 ALLOC_PROMPTS = 32  # calibration prompts the allocation measures on (the rest: not needed)
 ALLOC_TOKENS = 256  # per prompt
+SPLIT_REPORT_LENGTHS = (128, 512, 1024, 2048, 4096)  # the report's split-by-length table
 
 
 class _Phases:
@@ -242,7 +243,7 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
     if pertoken:
         pertoken_json, sketch_tensors, pertoken_report = _pertoken(
             loaded.model, smap, build_ids, held_ids, budget, max_kl, sketch_bits, seed, ph,
-            group)
+            group, loaded.context_length)
 
     classes_json = []
     for c, sup in enumerate(supports):
@@ -468,11 +469,16 @@ def _input_sparsity(model, smap, supports, prompts, seed) -> dict:
             "thresholds": {k: float(v) for k, v in est.info["thresholds"].items()}}
 
 
-def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, group):
-    """Sketch, allocate and check the per-token path: (manifest section, sketch tensors,
-    report section). Runs on the permuted weights the bundle stores."""
+def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, group,
+              context_length=None):
+    """Sketch, allocate and check the per-token path, calibrate the weights/KV split
+    (passes.split): (manifest section, sketch tensors, report section). Runs on the permuted
+    weights the bundle stores. The manifest keeps the whole allocation path and the sketches
+    any prefix of it reads, so the runtime can cut the plan a total budget leaves the weights."""
     from .passes.allocate import decode_kl, greedy_path, plan_at_kl, plan_for_budget
     from .passes.sketch import sketch
+    from .passes.split import calibrate_split
+    from .runtime.kv_reduce import choose_split, kv_position_bytes
     from .runtime.pertoken import PerToken, plan_bytes
 
     prompts = [ids.reshape(-1)[:ALLOC_TOKENS] for ids in build_ids[:ALLOC_PROMPTS]]
@@ -483,9 +489,9 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, 
                     3 * smap.n_layers, "parts") as advance:
         path, alloc_report = greedy_path(model, smap, prompts, sk, bits=bits, group=64,
                                          progress=advance, ranks=group)
-    with ph.phase("allocating the byte budget"):
-        pt = PerToken(model, smap, path.start, sk)
-        try:
+    pt = PerToken(model, smap, path.start, sk)
+    try:
+        with ph.phase("allocating the byte budget"):
             if max_kl is not None:
                 plan, steps, check = plan_at_kl(path, model, pt, held, max_kl, ranks=group)
             else:
@@ -493,9 +499,23 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, 
                 pt.configure(plan)
                 check = decode_kl(model, pt, held, ranks=group)
             nbytes = plan_bytes(plan, pt.shapes)
-        finally:
-            pt.remove()
-    used = _sketches_used(plan, sk)
+        with ph.phase("calibrating the weights/KV split by prompt length"):
+            split = calibrate_split(model, pt, path, build_ids, held, context_length,
+                                    kv_position_bytes(model, smap, pt.shapes.elsize),
+                                    ranks=group)
+    finally:
+        pt.remove()
+    total = budget if budget is not None else (
+        DEFAULT_BUDGET if max_kl is None else nbytes["fraction"])
+    by_length = []
+    for n in SPLIT_REPORT_LENGTHS:
+        if context_length and n >= context_length:
+            break
+        try:
+            by_length.append({"prompt_tokens": n, **choose_split(split, total, n)})
+        except UserInputError:
+            by_length.append({"prompt_tokens": n, "kv_keep": None})
+    used = _sketches_used(path, sk)
     ops = {}
     for layer in plan["layers"]:
         for part, cfg in layer.items():
@@ -503,22 +523,22 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, 
             ops[key] = ops.get(key, 0) + 1
     section = {"plan": plan, "sketch_file": "sketch.safetensors" if used else None,
                "bytes_per_token": nbytes["bytes"], "dense_bytes_per_token": nbytes["dense_bytes"],
-               "fraction": nbytes["fraction"]}
+               "fraction": nbytes["fraction"], "path": path.to_json(), "split": split,
+               "total_budget": total}
     report = {"budget": budget if max_kl is None else None, "max_kl": max_kl,
               "fraction": nbytes["fraction"], "ffn_fraction": nbytes["ffn_fraction"],
               "lm_head_fraction": nbytes["lm_head_fraction"], "steps": steps,
               "path_steps": len(path.steps), "ops": ops, "held_out": check,
-              "held_out_prompts": len(held), "sketch_bytes": sum(
+              "held_out_prompts": len(held), "split": {
+                  "weights": split["weights"], "kv": split["kv"], "total_budget": total,
+                  "by_prompt_length": by_length}, "sketch_bytes": sum(
                   t.numel() * t.element_size() for t in used.values()), **alloc_report}
     return section, used, report
 
 
-def _sketches_used(plan, sketches) -> dict:
-    """Only the sketch tensors the plan reads (unused layers' sketches stay out of the bundle)."""
-    keep = {f"layers.{li}." for li, layer in enumerate(plan["layers"])
-            if layer["ffn"]["op"] == "sketch"}
-    if plan["lm_head"]["op"] == "sketch":
-        keep.add("lm_head.")
+def _sketches_used(path, sketches) -> dict:
+    """Only the sketch tensors some plan of the path reads (the rest stay out of the bundle)."""
+    keep = path.sketched_parts()
     return {k: v for k, v in sketches.items() if any(k.startswith(p) for p in keep)}
 
 

@@ -95,7 +95,9 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
                    "measured on build prompts.")
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Per-token path: fraction of dense weight bytes each decode token reads, "
-                   "measurement included [default: 0.7, near-dense output].")
+                   "measurement included [default: 0.7, near-dense output]. The build also "
+                   "calibrates how `run --budget` splits a total (weights + KV) budget by "
+                   "prompt length.")
 @click.option("--max-kl", type=click.FloatRange(0), default=None,
               help="Per-token path: instead of --budget, the smallest budget whose KL to dense "
                    "on held-out calibration prompts is at most this.")
@@ -254,6 +256,20 @@ def print_bundle_summary(path, console: Console) -> None:
     router = rep.get("router")
     if router:
         console.print(f"router: {json.dumps(router, sort_keys=True)[:300]}")
+    split = (rep.get("pertoken") or {}).get("split")
+    if split:
+        table = Table(title=f"run --budget {split['total_budget']:g}: the weights/KV split "
+                            f"by prompt length (predicted)")
+        for col in ("prompt tokens", "weight budget", "KV keep", "predicted KL", "note"):
+            table.add_column(col, justify="right")
+        for r in split["by_prompt_length"]:
+            if r.get("kv_keep") is None:
+                table.add_row(str(r["prompt_tokens"]), "", "", "", "unreachable")
+                continue
+            table.add_row(str(r["prompt_tokens"]), f"{r['weight_budget']:.3f}",
+                          f"{r['kv_keep']:g}", f"{r['predicted_kl']:.4f}",
+                          "beyond calibrated lengths" if r["extrapolated"] else "")
+        console.print(table)
 
 
 def print_structure(smap, tile: int, console: Console) -> None:

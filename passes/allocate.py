@@ -86,6 +86,27 @@ class Path:
     def bytes_after(self, n: int) -> float:
         return self.start_bytes - sum(s.bytes_saved for s in self.steps[:n])
 
+    def to_json(self) -> dict:
+        """The path as the bundle stores it (runtime re-cuts plans at any weight budget)."""
+        return {"start": self.start, "dense_bytes": self.dense_bytes,
+                "start_bytes": self.start_bytes,
+                "steps": [[s.layer, s.part, s.cfg, s.bytes_saved, s.distortion]
+                          for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Path":
+        return cls(d["start"], [Step(int(li), str(part), dict(cfg), float(saved), float(dist))
+                                for li, part, cfg, saved, dist in d["steps"]],
+                   float(d["dense_bytes"]), float(d["start_bytes"]))
+
+    def sketched_parts(self) -> set[str]:
+        """Sketch prefixes ("layers.{l}." / "lm_head.") some prefix plan of the path reads."""
+        out = set()
+        for s in self.steps:
+            if s.cfg.get("op") == "sketch":
+                out.add("lm_head." if s.part == "lm_head" else f"layers.{s.layer}.")
+        return out
+
     def steps_for(self, budget_bytes: float) -> int | None:
         """The fewest steps reaching budget_bytes, or None if the whole path cannot."""
         b = self.start_bytes

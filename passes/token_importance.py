@@ -111,12 +111,29 @@ def snapkv_scores(model, ids: torch.Tensor, cache, window: int, pool: int) -> to
     return total.float()
 
 
+def early_exit_logits(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
+    """Logits [P, V] of the model cut after its first `layers` decoder layers (final norm and
+    lm_head kept): a cheap scorer for self-information (LLMLingua scores with a small model;
+    the model's own first layers are a small model that shares its tokenizer)."""
+    inner = model.model
+    full, n = inner.layers, model.config.num_hidden_layers
+    if not 1 <= layers <= n:
+        raise UserInputError(f"scorer layers must be in 1..{n}, got {layers}")
+    inner.layers, model.config.num_hidden_layers = full[:layers], layers
+    try:
+        return model(input_ids=ids, use_cache=False).logits[0]
+    finally:
+        inner.layers, model.config.num_hidden_layers = full, n
+
+
 def selfinfo_scores(model, ids: torch.Tensor, logits: torch.Tensor | None = None,
-                    chunk: int = 512) -> torch.Tensor:
+                    chunk: int = 512, layers: int | None = None) -> torch.Tensor:
     """-log p(x_t | x_<t) per position; +inf at position 0. `logits` [P, V]: the prompt's own
-    forward, when the caller already ran it (a prefill without logits_to_keep)."""
+    forward, when the caller already ran it (a prefill without logits_to_keep); `layers`:
+    score with the first `layers` decoder layers only (early_exit_logits)."""
     if logits is None:
-        logits = model(input_ids=ids).logits[0]
+        logits = early_exit_logits(model, ids, layers) if layers is not None else \
+            model(input_ids=ids).logits[0]
     scores = torch.full((ids.shape[1],), math.inf)
     for s in range(0, ids.shape[1] - 1, chunk):
         lp = torch.log_softmax(logits[s:s + chunk].float(), -1)

@@ -28,6 +28,15 @@ def _stats_line(r) -> str:
     widened = sum(1 for x in r.refinements if x["action"] == "widen")
     kv = (f" | KV kept {r.kv_positions}/{r.prompt_tokens} prompt positions"
           if r.kv_positions is not None else "")
+    if r.prompt_kept is not None:
+        kv += f" | prompt tokens prefilled {r.prompt_kept}/{r.prompt_tokens}"
+    if r.kv_bytes_per_token:
+        kv += f", KV {mean(r.kv_bytes_per_token) / 1e6:.3f} MB/token"
+    if r.split:
+        s = r.split
+        kv += (f" | total budget {s['total_budget']:g} split: weights {s['weight_budget']:.3f}, "
+               f"KV keep {s['kv_keep']:g} (predicted KL {s['predicted_kl']:.3f}"
+               f"{', beyond the calibrated lengths' if s['extrapolated'] else ''})")
     if r.path == "pertoken":
         worst = {k: max((m.get(k, 0.0) for m in r.missed), default=0.0)
                  for k in ("qkv", "o", "ffn", "lm_head")}
@@ -133,10 +142,21 @@ def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
               help="Decode path [default: pertoken when the bundle has one, else static]: "
                    "per-token sparse, the routed static class path, or dense.")
 @click.option("--dense", is_flag=True, help="Same as --path dense.")
-@click.option("--kv-budget", "kv_budget", default="1.0", show_default=True,
+@click.option("--kv-budget", "kv_budget", default=None,
               help="Fraction of the prompt's KV positions kept for decode: attention sinks, a "
                    "recent window and the rest by SnapKV-like importance; the others are cut "
-                   "from the cache (1 = keep every position, the unreduced path).")
+                   "from the cache [default: 1 = keep every position, the unreduced path; "
+                   "with --budget: chosen for the prompt's length].")
+@click.option("--prompt-keep", "prompt_keep", default="1.0", show_default=True,
+              help="Fraction of the prompt's tokens kept before the prefill (LLMLingua-like: "
+                   "sinks, a recent window and the rest by self-information under the model's "
+                   "first quarter of layers); the prefill runs on the shorter prompt. Its "
+                   "scoring time counts in the prefill time.")
+@click.option("--budget", "budget", default=None,
+              help="Total bytes per decode token, weights + KV, as a fraction of dense: split "
+                   "between the per-token plan and the KV cache for each prompt's length by "
+                   "the table the build calibrated (least predicted KL; --kv-budget fixes the "
+                   "KV side by hand) [default: the bundle's plan, full KV].")
 @click.option("--stats", is_flag=True, help="Print class, density, speed and bytes to stderr.")
 @click.option("--compare", is_flag=True,
               help="Answer each prompt on the dense model and on the bundle's default path, "
@@ -160,7 +180,8 @@ def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
 @friendly_errors
 @hide_third_party_warnings  # consumes --verbose
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,
-        top_p, seed, chat, path, dense, kv_budget, stats, compare, backend, onnx_dir, weights):
+        top_p, seed, chat, path, dense, kv_budget, prompt_keep, budget, stats, compare, backend,
+        onnx_dir, weights):
     """Generate text with TARGET: a bundle directory, or a model (named, HF dir) run dense.
 
     With --prompt the answer streams to stdout; with --input each prompt's result is one JSON
@@ -169,9 +190,23 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
     bundle's default path, and compares their speed and bytes.
     """
     from . import load
-    from .kv_reduce import check_kv_budget
+    from .kv_reduce import check_kv_budget, check_prompt_keep
 
-    kv_budget = check_kv_budget(_fraction("--kv-budget", kv_budget))  # before the model load
+    # before the model load
+    kv_budget = None if kv_budget is None else check_kv_budget(_fraction("--kv-budget",
+                                                                          kv_budget))
+    prompt_keep = check_prompt_keep(_fraction("--prompt-keep", prompt_keep))
+    if budget is not None:
+        budget = _fraction("--budget", budget)
+        if not 0 < budget <= 1:
+            raise UserInputError(f"--budget must be in (0, 1], got {budget:g}")
+        if batch_size > 1 or compare or dense or path not in (None, "pertoken"):
+            raise UserInputError("--budget splits the per-token path's bytes for each prompt "
+                                 "alone: it does not combine with --batch-size, --compare, "
+                                 "--dense or --path static/dense")
+        if backend == "onnxruntime":
+            raise UserInputError("--budget runs on the torch or cpu backend, not --backend "
+                                 "onnxruntime")
     if prompt is not None and input_path is not None:
         raise UserInputError("give either --prompt or --input, not both")
     if output_path is not None and input_path is None:
@@ -198,14 +233,16 @@ def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, tem
         from .onnx_backend import use_export
 
         use_export(session, onnx_dir)
-    if kv_budget < 1 and backend == "onnxruntime":
+    if kv_budget is not None and kv_budget < 1 and backend == "onnxruntime":
         raise UserInputError("--kv-budget below 1 runs on the torch runtime, not --backend "
                              "onnxruntime")
     if compare and not session.is_bundle:
         raise UserInputError(f"--compare needs a bundle: {target} is a model, which runs "
                              f"dense only")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-               chat=chat, dense=dense, path=path, kv_budget=kv_budget)
+               chat=chat, dense=dense, path=path, kv_budget=kv_budget,
+               **({"budget": budget} if budget is not None else {}),
+               **({"prompt_keep": prompt_keep} if prompt_keep < 1 else {}))
 
     if rows is not None:
         out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout

@@ -73,7 +73,7 @@ from cscompile.errors import UserInputError
 
 from .decode_step import decode_logits
 from .decode_step import supports as decode_step_supports
-from .kv_reduce import check_kv_budget, reduce_prompt_cache
+from .kv_reduce import check_kv_budget, check_prompt_keep, drop_prompt_tokens, reduce_prompt_cache
 from .refine import (InputSparsity, RefineConfig, energy_fraction, measurement_bytes,
                      refined_support_bytes,
                      teal_select)
@@ -103,6 +103,11 @@ class Result:
     # the support; for lm_head the sketch's probability mass off the candidates)
     kv_positions: int | None = None  # prompt positions left in the KV cache after a
     # kv_budget < 1 reduction (runtime.kv_reduce); None = every prompt position kept
+    kv_bytes_per_token: list[int] | None = None  # per decode step: K and V bytes it reads
+    # (every cached position, every layer; runtime.kv_reduce.kv_position_bytes)
+    split: dict | None = None  # a total budget's split (runtime.kv_reduce.choose_split)
+    prompt_kept: int | None = None  # prompt tokens prefilled after prompt_keep < 1 dropped
+    # the rest (runtime.kv_reduce.drop_prompt_tokens); None = the whole prompt
 
     def __post_init__(self):
         if self.missed is None:
@@ -298,22 +303,25 @@ class _Options:
     keep_last: dict
     ctx: int | None
     kv_budget: float = 1.0  # fraction of the prompt's KV positions kept (runtime.kv_reduce)
+    prompt_keep: float = 1.0  # fraction of the prompt's tokens kept before the prefill
 
     def generator(self, device) -> torch.Generator | None:
         return torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
 
 
 def _options(session, max_new_tokens, temperature, top_p, seed, refine,
-             kv_budget: float = 1.0) -> _Options:
+             kv_budget: float = 1.0, prompt_keep: float = 1.0) -> _Options:
     _check_args(max_new_tokens, temperature, top_p)
     kv_budget = check_kv_budget(kv_budget)
+    prompt_keep = check_prompt_keep(prompt_keep)
     if kv_budget < 1 and refine is not None and refine.active:
         raise UserInputError("a kv budget below 1 does not combine with refinement")
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
         session.model.forward).parameters else {}
     return _Options(max_new_tokens, temperature, top_p, seed,
                     refine if refine is not None and refine.active else None,
-                    _eos_ids(session), keep_last, session.context_length, kv_budget)
+                    _eos_ids(session), keep_last, session.context_length, kv_budget,
+                    prompt_keep)
 
 
 def _prompt_ids(session, prompt, chat: bool) -> list[int]:
@@ -337,6 +345,8 @@ class _Prefilled:
     pooled: torch.Tensor | None = None  # router feature, mean over the prompt [1, hidden]
     kv_positions: int | None = None  # positions left in `cache` after KV reduction (None:
     # not reduced); decode steps then pass position_ids from len(ids) on
+    prompt_tokens: int | None = None  # the prompt's tokens before any were dropped (ids: the
+    # ones kept, prefilled as the whole prompt)
 
     def positions(self, generated: int, device) -> torch.Tensor | None:
         """position_ids [1, 1] of the step that feeds generated token number `generated`
@@ -353,7 +363,10 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
     model, smap = session.model, session.smap
     hooks = _PathHooks(model, smap, None, None, session.router.layer) if session.is_bundle \
         else None
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the prompt-dropping scorer counts as prefill time
+    n_prompt = len(ids)
+    if opts.prompt_keep < 1:
+        ids = drop_prompt_tokens(model, ids, opts.prompt_keep)
     cache = DynamicCache(config=model.config)
     try:
         out = model(input_ids=torch.tensor([ids], device=session.device), **cache_kwargs(model, cache),
@@ -368,7 +381,7 @@ def _prefill(session, ids: list[int], opts: _Options) -> _Prefilled:
     if opts.kv_budget < 1:  # after the router hook is gone: importance runs more forwards
         kept = reduce_prompt_cache(model, ids, cache, opts.kv_budget)
     return _Prefilled(ids, class_id, out.logits[0, -1], cache, time.perf_counter() - t0,
-                      hooks.pooled.cpu() if hooks else None, kept)
+                      hooks.pooled.cpu() if hooks else None, kept, n_prompt)
 
 
 PATHS = ("pertoken", "static", "dense")
@@ -438,24 +451,42 @@ def _result(session, pre: _Prefilled, path: _Path, generated, densities, energy,
     n_steps = len(densities)
     return Result(
         text=session.tokenizer.decode(generated, skip_special_tokens=True),
-        token_ids=generated, prompt_tokens=len(pre.ids), class_id=pre.class_id,
+        token_ids=generated, prompt_tokens=pre.prompt_tokens or len(pre.ids),
+        class_id=pre.class_id,
         path=path.name, densities=densities, energy=energy, bytes_per_token=nbytes,
         refinements=log, prefill_s=pre.prefill_s, decode_s=decode_s,
         tokens_per_s=len(generated) / max(pre.prefill_s + decode_s, 1e-9),
         decode_tokens_per_s=n_steps / decode_s if n_steps and decode_s > 0 else 0.0,
         finish_reason=finish, batch_size=batch_size, missed=missed or [],
-        kv_positions=pre.kv_positions)
+        kv_positions=pre.kv_positions, kv_bytes_per_token=_kv_step_bytes(session, pre, n_steps),
+        prompt_kept=len(pre.ids) if len(pre.ids) < (pre.prompt_tokens or 0) else None)
+
+
+def _kv_step_bytes(session, pre: _Prefilled, n_steps: int) -> list[int] | None:
+    """K/V bytes of each decode step: step i attends to the kept prompt positions, the i
+    answer tokens cached before it and its own."""
+    from .kv_reduce import kv_position_bytes
+
+    if session.smap is None:
+        return None
+    el = session.pertoken.shapes.elsize if session.pertoken is not None else None
+    per_position = kv_position_bytes(session.model, session.smap, el)
+    kept = pre.kv_positions if pre.kv_positions is not None else len(pre.ids)
+    return [(kept + i + 1) * per_position for i in range(n_steps)]
 
 
 @torch.no_grad()
 def generate(session, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, chat: bool = False,
              dense: bool = False, refine: RefineConfig | None = None, stream=None,
-             path: str | None = None, kv_budget: float = 1.0) -> Result:
+             path: str | None = None, kv_budget: float = 1.0,
+             prompt_keep: float = 1.0) -> Result:
     """Prefill dense, route, then decode on the chosen path (see the module docstring);
-    kv_budget < 1 keeps that fraction of the prompt's KV positions (runtime.kv_reduce)."""
+    kv_budget < 1 keeps that fraction of the prompt's KV positions, prompt_keep < 1 that
+    fraction of its tokens before the prefill (runtime.kv_reduce)."""
     kind = path_kind(session, path, dense)
-    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget)
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget,
+                    prompt_keep)
     pre = _prefill(session, _prompt_ids(session, prompt, chat), opts)
     return _decode_one(session, pre, _Path(session, pre.class_id, kind, opts.refine), opts,
                        stream)
@@ -826,7 +857,7 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                    chat: bool = False, dense: bool = False, refine: RefineConfig | None = None,
                    stream=None, path: str | None = None,
-                   kv_budget: float = 1.0) -> list[Result]:
+                   kv_budget: float = 1.0, prompt_keep: float = 1.0) -> list[Result]:
     """Generate for every prompt, batching rows routed to the same path (see the module
     docstring); results in input order. `stream`, if given, is called as stream(index, text).
     With kv_budget < 1 every row decodes alone (reduced caches keep their own positions).
@@ -838,7 +869,8 @@ def generate_batch(session, prompts: list[str], batch_size: int = 8, max_new_tok
     if batch_size < 1:
         raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
     kind = path_kind(session, path, dense)
-    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget)
+    opts = _options(session, max_new_tokens, temperature, top_p, seed, refine, kv_budget,
+                    prompt_keep)
     all_ids = []
     for i, prompt in enumerate(prompts):  # refuse bad input before any compute
         try:

@@ -60,6 +60,10 @@ class Session:
     # "dense" outside its decode steps); None for a plain model or a bundle without a plan
     pertoken: object | None = None
     onnx: object | None = None  # runtime.onnx_backend.OnnxPaths (backend onnxruntime)
+    # the manifest's allocation path (passes.allocate.Path: the plan at any weight budget)
+    # and weights/KV split table (passes.split); None for bundles built before them
+    alloc_path: object | None = None
+    split: dict | None = None
     _compact: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -96,11 +100,24 @@ class Session:
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                  dense: bool = False, refine=None, stream=None, path: str | None = None,
-                 kv_budget: float = 1.0):
+                 kv_budget: float | None = None, budget: float | None = None,
+                 prompt_keep: float = 1.0):
         """Generate a continuation of `prompt`; see runtime.generate.generate. `path`:
         "pertoken" (the default for a bundle that has a plan), "static" or "dense";
-        kv_budget: fraction of the prompt's KV positions kept for decode (runtime.kv_reduce)."""
-        kv = self._kv_options(kv_budget)
+        kv_budget: fraction of the prompt's KV positions kept for decode (runtime.kv_reduce;
+        default 1). `budget`: a total of weight + KV bytes per decode token (fraction of
+        dense), split for this prompt's length by the bundle's table (choose_split; a given
+        kv_budget fixes the KV side); the per-token plan is cut at the weights' share for
+        this call only. prompt_keep: fraction of the prompt's tokens kept before the
+        prefill (runtime.kv_reduce.drop_prompt_tokens; default 1)."""
+        if budget is not None:
+            if prompt_keep != 1.0:
+                raise UserInputError("--budget splits the bytes of decode steps; prompt "
+                                     "dropping (--prompt-keep) does not combine with it")
+            return self._generate_split(prompt, budget, kv_budget, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                seed=seed, chat=chat, dense=dense, refine=refine, stream=stream, path=path))
+        kv = self._kv_options(1.0 if kv_budget is None else kv_budget, prompt_keep)
         if self.backend == "onnxruntime":
             from .onnx_backend import generate
         else:
@@ -110,24 +127,58 @@ class Session:
                         top_p=top_p, seed=seed, chat=chat, dense=dense, refine=refine,
                         stream=stream, path=path, **kv)
 
-    def _kv_options(self, kv_budget) -> dict:
-        """{} at kv_budget 1 (every backend), else {"kv_budget": f} for the torch runtime."""
-        from .kv_reduce import check_kv_budget
+    def split_for(self, prompt_tokens: int, budget: float, new_tokens: int = 0,
+                  kv_budget: float | None = None) -> tuple[dict, dict]:
+        """(choose_split's choice, the per-token plan at its weight budget)."""
+        from cscompile.passes.allocate import plan_for_budget
 
-        if check_kv_budget(kv_budget) == 1.0:
-            return {}
-        if self.backend == "onnxruntime":
-            raise UserInputError("a kv budget below 1 runs on the torch runtime only, not "
-                                 "--backend onnxruntime")
-        return {"kv_budget": kv_budget}
+        from .kv_reduce import choose_split
+
+        if self.pertoken is None or self.split is None or self.alloc_path is None:
+            raise UserInputError(f"--budget needs a bundle with a per-token path and its "
+                                 f"weights/KV split table; {self.source or 'this model'} has "
+                                 f"none (rebuild it with this cscompile)")
+        choice = choose_split(self.split, budget, prompt_tokens, new_tokens, kv_budget)
+        plan, _ = plan_for_budget(self.alloc_path, choice["weight_budget"] + 1e-9)
+        return choice, plan
+
+    def _generate_split(self, prompt, budget, kv_budget, kwargs):
+        from .generate import _prompt_ids
+
+        if kwargs["dense"] or kwargs["path"] not in (None, "pertoken"):
+            raise UserInputError("--budget splits the per-token path's bytes; it does not "
+                                 "combine with --dense or --path static/dense")
+        n = len(_prompt_ids(self, prompt, kwargs["chat"]))
+        choice, plan = self.split_for(n, budget, kwargs["max_new_tokens"], kv_budget)
+        saved = self.pertoken.plan
+        self.pertoken.configure(plan)
+        try:
+            result = self.generate(prompt, kv_budget=choice["kv_keep"], **kwargs)
+        finally:
+            self.pertoken.configure(saved)
+        result.split = {"total_budget": budget, **choice}
+        return result
+
+    def _kv_options(self, kv_budget, prompt_keep=1.0) -> dict:
+        """{} at kv_budget and prompt_keep 1 (every backend), else those below 1 for the
+        torch runtime."""
+        from .kv_reduce import check_kv_budget, check_prompt_keep
+
+        got = {k: v for k, v in (("kv_budget", check_kv_budget(kv_budget)),
+                                 ("prompt_keep", check_prompt_keep(prompt_keep))) if v < 1}
+        if got and self.backend == "onnxruntime":
+            raise UserInputError("a kv budget or prompt keep below 1 runs on the torch "
+                                 "runtime only, not --backend onnxruntime")
+        return got
 
     def generate_batch(self, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        chat: bool = False, dense: bool = False, refine=None, stream=None,
-                       path: str | None = None, kv_budget: float = 1.0):
+                       path: str | None = None, kv_budget: float | None = None,
+                       prompt_keep: float = 1.0):
         """Generate for several prompts, rows of the same class decoded together in chunks of
         `batch_size`; results in input order. See runtime.generate.generate_batch."""
-        kv = self._kv_options(kv_budget)
+        kv = self._kv_options(1.0 if kv_budget is None else kv_budget, prompt_keep)
         if self.backend == "onnxruntime":
             from .onnx_backend import generate_batch
         else:
@@ -230,9 +281,30 @@ def _load_bundle(path: Path, backend: str = "torch", weights: str | None = None)
         raise BundleError(f"bundle {path}: router knows {router.n_classes} classes, manifest "
                           f"lists {len(classes)}")
     pertoken = _pertoken_from_bundle(bundle, model, smap, backend, weights)
+    alloc_path, split = _split_from_bundle(bundle) if pertoken is not None else (None, None)
     return Session(model, _tokenizer_from_bundle(bundle), smap, classes, router,
                    source=str(path), is_bundle=True, input_sparsity=man.get("input_sparsity"),
-                   pertoken=pertoken)
+                   pertoken=pertoken, alloc_path=alloc_path, split=split)
+
+
+def _split_from_bundle(bundle):
+    """(allocation path, split table) of the manifest's pertoken section; (None, None) for
+    a bundle built before they were stored."""
+    from cscompile.passes.allocate import Path as AllocPath
+
+    spec = bundle.manifest["pertoken"]
+    if "path" not in spec:
+        return None, None
+    try:
+        path, split = AllocPath.from_json(spec["path"]), spec["split"]
+        for key in ("weights", "kv", "kv_position_bytes", "dense_weight_bytes"):
+            split[key]
+        if not split["weights"]:
+            raise ValueError("no weight budgets")
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"bundle {bundle.path}: malformed per-token path or split table "
+                          f"({type(e).__name__})") from None
+    return path, split
 
 
 def _pertoken_from_bundle(bundle, model, smap, backend: str, weights: str | None = None):

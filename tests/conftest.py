@@ -77,6 +77,17 @@ def smollm2(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def pertoken_bundle(stories_dir, tmp_path_factory) -> Path:
+    """A stories260K bundle with its per-token path at budget 0.6 (built once per run)."""
+    from cscompile.build import run_build
+
+    out = tmp_path_factory.mktemp("pt") / "bundle"
+    examples = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
+    run_build(str(stories_dir), examples, out, progress=False, budget=0.6)
+    return out
+
+
+@pytest.fixture(scope="session")
 def stories(stories_dir):
     """(LoadedModel, StructureMap) of stories260K."""
     from cscompile.frontend import analyze, load_model

@@ -51,6 +51,24 @@ def test_budget_one_is_dense_and_budgets_are_met(stories_path):
         pt.detach()
 
 
+def test_path_round_trips_through_json_and_names_its_sketches(stories_path):
+    import json
+
+    from cscompile.passes.allocate import Path
+
+    _, _, sk, path, _ = stories_path
+    back = Path.from_json(json.loads(json.dumps(path.to_json())))
+    assert back == path
+    for budget in (0.8, 0.4):
+        assert plan_for_budget(back, budget) == plan_for_budget(path, budget)
+    parts = path.sketched_parts()
+    assert "lm_head." in parts and all(any(k.startswith(p) for k in sk) for p in parts)
+    sketched = {f"layers.{li}." for li, layer in enumerate(path.plan_after(len(path.steps))
+                                                          ["layers"])
+                if layer["ffn"]["op"] == "sketch"}
+    assert sketched <= parts  # the sparsest plan's sketches, and any earlier prefix's
+
+
 def test_kl_grows_as_the_budget_shrinks_and_max_kl_is_met(stories_path):
     loaded, smap, sk, path, _ = stories_path
     held = _prompts(4, 32, seed=1)

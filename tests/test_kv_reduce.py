@@ -160,3 +160,56 @@ def test_cli_kv_budget(stories_dir):
              "--stats")
     assert r.exit_code == 0, r.stderr
     assert "KV kept 60/120 prompt positions" in r.stderr
+
+
+# ----------------------------------------------------------------------------- prompt dropping
+def test_early_exit_scorer_at_every_layer_is_the_model(session):
+    from cscompile.passes.token_importance import early_exit_logits, selfinfo_scores
+
+    model = session.model
+    ids = torch.tensor([session.tokenizer(TEXT)["input_ids"]])
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0]
+        assert torch.allclose(early_exit_logits(model, ids, n), full, atol=1e-5)
+        part = early_exit_logits(model, ids, 1)
+        assert not torch.allclose(part, full, atol=1e-3)  # one layer is not the model
+        assert torch.equal(selfinfo_scores(model, ids, layers=1), selfinfo_scores(model, ids, part))
+    assert len(model.model.layers) == model.config.num_hidden_layers == n  # restored
+    with pytest.raises(UserInputError, match="scorer layers"):
+        early_exit_logits(model, ids, n + 1)
+
+
+def test_prompt_keep_drops_tokens_before_the_prefill(session):
+    from cscompile.runtime.generate import _decode_one, _options, _Path, _prefill
+    from cscompile.runtime.kv_reduce import RECENT, SINKS, drop_prompt_tokens
+    from cscompile.runtime.pertoken import count
+
+    ids = session.tokenizer(TEXT)["input_ids"]
+    assert drop_prompt_tokens(session.model, ids, 1.0) is ids
+    short = drop_prompt_tokens(session.model, ids, 0.5)
+    assert len(short) == count(0.5, len(ids))
+    assert short[:SINKS] == ids[:SINKS] and short[-RECENT:] == ids[-RECENT:]
+    it = iter(ids)  # a subsequence: order kept
+    assert all(any(t == u for u in it) for t in short)
+    same = session.generate(TEXT, max_new_tokens=6, prompt_keep=1.0)
+    assert same.token_ids == session.generate(TEXT, max_new_tokens=6).token_ids
+    assert same.prompt_kept is None
+    got = session.generate(TEXT, max_new_tokens=6, prompt_keep=0.5)
+    assert got.prompt_tokens == len(ids) and got.prompt_kept == len(short)
+    opts = _options(session, 6, 0.0, 1.0, None, None)  # the kept tokens as the whole prompt
+    pre = _prefill(session, short, opts)
+    ref = _decode_one(session, pre, _Path(session, pre.class_id, "dense", None), opts, None)
+    assert got.token_ids == ref.token_ids
+
+
+def test_cli_prompt_keep(stories_dir):
+    for bad in ("0", "2", "x"):
+        r = _cli(str(stories_dir), "--prompt", "Once upon a time", "--prompt-keep", bad)
+        assert r.exit_code != 0, bad
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "prompt" in lines[0]
+    r = _cli(str(stories_dir), "--prompt", TEXT, "--max-new-tokens", "4", "--prompt-keep",
+             "0.5", "--stats")
+    assert r.exit_code == 0, r.stderr
+    assert "prompt tokens prefilled 60/120" in r.stderr

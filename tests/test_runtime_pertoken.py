@@ -1,29 +1,24 @@
 """The runtime's default path on a real stories260K bundle: the per-token path, decoded with a
 KV cache, equals its teacher-forced reference; batches equal single prompts; stats; CLI."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from cscompile.build import run_build
 from cscompile.compat import cache_kwargs
 from cscompile.errors import UserInputError
 from cscompile.runtime import load
 from cscompile.runtime.cli_run import run
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
 PROMPTS = ["Once upon a time, a little fox", "Tom has 12 apples", "Lily and Tom went"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bundle(stories_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pt") / "bundle"
-    run_build(str(stories_dir), EXAMPLES, out, progress=False, budget=0.6)
-    return out
+def bundle(pertoken_bundle):
+    return pertoken_bundle
 
 
 @pytest.fixture(scope="module")
