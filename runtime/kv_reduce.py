@@ -65,12 +65,16 @@ def decode_bytes(plan: dict, shapes: Shapes, positions: int | float, per_positio
 
 
 # ----------------------------------------------------------------------------- positions
+def _check_fraction(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise UserInputError(f"{what} must be a fraction in (0, 1] of the prompt's "
+                             f"{'KV positions' if what == 'kv budget' else 'tokens'}, "
+                             f"got {value!r}")
+    return float(value)
+
+
 def check_kv_budget(kv_budget) -> float:
-    if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) \
-            or not 0 < kv_budget <= 1:
-        raise UserInputError(f"kv budget must be a fraction in (0, 1] of the prompt's KV "
-                             f"positions, got {kv_budget!r}")
-    return float(kv_budget)
+    return _check_fraction(kv_budget, "kv budget")
 
 
 def keep_positions(scores: torch.Tensor, kv_budget: float, sinks: int = SINKS,
@@ -98,11 +102,7 @@ def keep_positions(scores: torch.Tensor, kv_budget: float, sinks: int = SINKS,
 
 
 def check_prompt_keep(prompt_keep) -> float:
-    if isinstance(prompt_keep, bool) or not isinstance(prompt_keep, (int, float)) \
-            or not 0 < prompt_keep <= 1:
-        raise UserInputError(f"prompt keep must be a fraction in (0, 1] of the prompt's "
-                             f"tokens, got {prompt_keep!r}")
-    return float(prompt_keep)
+    return _check_fraction(prompt_keep, "prompt keep")
 
 
 def scorer_layers(model) -> int:
