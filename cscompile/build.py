@@ -34,12 +34,13 @@ import torch
 from rich.console import Console
 
 from . import distributed
-from .bundle import to_jsonable, write_bundle
+from .bundle import StreamedTensors, to_jsonable, write_bundle
 from .calib import dedupe_prompts, prompt_hash, read_prompts
 from .errors import UserInputError
 from .execute import Support, reduce_model
 from .frontend import analyze, load_model, weight_hash
 from .progress import bar as progress_bar, status as progress_status
+from .stream import state_items, stream_of
 
 MIN_PROMPTS = 4
 HOLDOUT_FRACTION = 0.2
@@ -102,19 +103,22 @@ class _Phases:
 def run_build(model, calib, out, density=0.5, classes=None, max_classes=6, layout="gather",
               heads_keep=None, tile=64, seed=0, force=False, trust_pickle=False,
               progress=True, allocation="uniform", kv_groups=False, skip_layers=0,
-              budget=None, max_kl=None, sketch_bits=3, pertoken=True, workers=1) -> dict:
+              budget=None, max_kl=None, sketch_bits=3, pertoken=True, workers=1,
+              stream=False) -> dict:
     """Build a bundle in `out`; return the build report (report.json + a "timing" section).
 
     The per-token path (the runtime's default) is allocated at `budget` (default
     DEFAULT_BUDGET) x dense bytes per token, or at the smallest budget whose held-out KL is at
     most `max_kl`; pertoken=False builds the static class paths only. `workers` > 1 runs the
     build on that many local ranks; a process started by torchrun (RANK / WORLD_SIZE set)
-    joins torchrun's group instead. Either way the bundle is the one-process bundle."""
+    joins torchrun's group instead. stream=True keeps the decoder layers on disk, one resident
+    at a time (cscompile.stream). Either way the bundle is the one-process, in-memory bundle."""
     args = dict(model=model, calib=calib, out=out, density=density, classes=classes,
                 max_classes=max_classes, layout=layout, heads_keep=heads_keep, tile=tile,
                 seed=seed, force=force, trust_pickle=trust_pickle, progress=progress,
                 allocation=allocation, kv_groups=kv_groups, skip_layers=skip_layers,
-                budget=budget, max_kl=max_kl, sketch_bits=sketch_bits, pertoken=pertoken)
+                budget=budget, max_kl=max_kl, sketch_bits=sketch_bits, pertoken=pertoken,
+                stream=stream)
     workers = distributed.check_workers(workers)
     world = distributed.launched_world()
     if world is not None and world > 1:
@@ -148,6 +152,9 @@ def _check_build_args(a: dict, writer: bool) -> None:
         raise UserInputError(f"--max-kl must be >= 0, got {max_kl}")
     if bits not in (1, 2, 3, 4):
         raise UserInputError(f"--sketch-bits must be 1..4, got {bits}")
+    if a["stream"] and a["layout"] == "compact":
+        raise UserInputError("--stream writes the gather layout only (compact copies every "
+                             "class's weights at once)")
     out = Path(a["out"])
     if writer and out.exists() and not a["force"]:  # refuse before any expensive work
         raise UserInputError(f"output directory {out} exists; pass --force to replace it")
@@ -155,7 +162,7 @@ def _check_build_args(a: dict, writer: bool) -> None:
 
 def build_rank(model, calib, out, density, classes, max_classes, layout, heads_keep, tile,
                seed, force, trust_pickle, progress, allocation, kv_groups, skip_layers,
-               budget, max_kl, sketch_bits, pertoken, group=distributed.SINGLE,
+               budget, max_kl, sketch_bits, pertoken, stream=False, group=distributed.SINGLE,
                status_dir=None) -> dict:
     """The build as rank `group.rank` of `group.world` runs it (the whole build when world 1);
     arguments as run_build's, already checked. Rank 0 writes the bundle and returns the
@@ -181,7 +188,7 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
             raise UserInputError(f"{calib}: need at least {MIN_PROMPTS} distinct prompts, "
                                  f"got {len(rows)}")
     with ph.phase("loading and analysing the model"):
-        loaded = load_model(model, trust_pickle=trust_pickle)
+        loaded = load_model(model, trust_pickle=trust_pickle, stream=stream)
         smap = analyze(loaded, tile=tile)
         source_hash = weight_hash(loaded.model)
         ids = _tokenize(loaded, rows, ph)
@@ -257,6 +264,7 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
             "heads_keep": heads_keep, "tile": tile, "seed": seed, "allocation": allocation,
             "kv_groups": kv_groups, "skip_layers": skip_layers, "budget": budget,
             "max_kl": max_kl, "sketch_bits": sketch_bits, "pertoken": pertoken}
+    # `stream` is left out: it changes where the weights wait, not the bundle
     manifest = {
         "kind": "cscompile-bundle",
         "source": {"model_id": loaded.model_id, "path": str(loaded.source),
@@ -294,8 +302,11 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
     # weights are stored in the source's storage dtype (bf16 for SmolLM2), not the fp32 we
     # compute in on CPU: the bundle is no bigger than the model it came from
     store = loaded.storage_dtype or next(loaded.model.parameters()).dtype
-    weights, tied = _dedup_tied(loaded.model.state_dict())  # dedup before the cast copies
-    weights = {k: v.to(store) if v.is_floating_point() else v for k, v in weights.items()}
+    if stream_of(loaded.model) is None:
+        weights, tied = _dedup_tied(loaded.model.state_dict())  # dedup before the cast copies
+        weights = {k: v.to(store) if v.is_floating_point() else v for k, v in weights.items()}
+    else:
+        weights, tied = _streamed_weights(loaded.model, store)
     manifest["tied_weights"] = tied
     manifest["weights_dtype"] = str(store).replace("torch.", "")
     tensors = {"weights.safetensors": weights,
@@ -336,12 +347,15 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
                          texts={**kernel_files, **tokenizer_files}, force=force)
     # the last collective: no rank reports success before the bundle is written
     usage = group.map(group.world, lambda r: (*_usage(), ph.cpu_times, ph.peak_rss))
+    streamed = stream_of(loaded.model)
     timing = {"phases_s": ph.times, "build_s": round(time.perf_counter() - t_start, 3),
               "rank_phases_cpu_s": [u[2] for u in usage],
               "rank_peak_rss_by_phase_mb": [u[3] for u in usage],
               "peak_rss_mb": usage[0][0], "ranks": group.world, "rank": group.rank,
               "rank_peak_rss_mb": [u[0] for u in usage], "rank_cpu_s": [u[1] for u in usage],
-              "router_cost": cost}
+              "router_cost": cost, "streamed": streamed is not None,
+              "layer_reads": streamed.loads if streamed is not None else None,
+              "layer_read_s": round(streamed.read_s, 2) if streamed is not None else None}
     return to_jsonable({**report, "bundle": str(out), "timing": timing})
 
 
@@ -423,16 +437,43 @@ def _split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Store each shared tensor once (first name in sorted order); return {alias: stored name}."""
-    kept, tied, seen = {}, {}, {}
+    tied = _tied_names(state)
+    kept = {name: t.detach().contiguous().clone() for name, t in sorted(state.items())
+            if name not in tied}
+    return kept, tied
+
+
+def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{alias: first name in sorted order} of tensors sharing storage. A streamed model's
+    unloaded weights each have a placeholder storage of their own, so this holds for it too."""
+    tied, seen = {}, {}
     for name in sorted(state):
         t = state[name]
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             tied[name] = seen[key]
-            continue
-        seen[key] = name
-        kept[name] = t.detach().contiguous().clone()
-    return kept, tied
+        else:
+            seen[key] = name
+    return tied
+
+
+def _streamed_weights(model, store: torch.dtype) -> tuple[StreamedTensors, dict[str, str]]:
+    """weights.safetensors of a layer-streamed model, written one decoder layer at a time:
+    the same names, dtypes and bytes as _dedup_tied + the cast give the loaded model."""
+    state = model.state_dict()
+    tied = _tied_names(state)
+
+    def stored(t):
+        return store if t.is_floating_point() else t.dtype
+
+    specs = {name: (stored(t), tuple(t.shape)) for name, t in state.items() if name not in tied}
+
+    def produce():
+        for name, t in state_items(model):
+            if name not in tied:
+                yield name, t.to(store) if t.is_floating_point() else t
+
+    return StreamedTensors(specs, produce), tied
 
 
 def _class_tables(supports: list[Support], perms: dict) -> dict[str, torch.Tensor]:

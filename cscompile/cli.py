@@ -115,11 +115,15 @@ def inspect(model, json_out, tile, channels, trust_pickle, plot):
                    "torch.distributed (gloo), each with torch's threads // N threads; the "
                    "bundle is byte-identical to --workers 1 run with as many threads "
                    "(e.g. OMP_NUM_THREADS=1 for both).")
+@click.option("--stream", is_flag=True,
+              help="Layer-streamed: keep the decoder layers in MODEL's safetensors and read "
+                   "one at a time as the calibration flows through them (models larger than "
+                   "memory; slower: each forward reads every layer). Same bundle.")
 @click.option("--json", "json_out", is_flag=True, help="Print the build report as JSON on stdout.")
 @friendly_errors
 def build(model, calib, out, density, classes, max_classes, layout, tile, heads_keep,
           kv_groups, skip_layers, budget, max_kl, sketch_bits, static_only, seed, force,
-          trust_pickle, workers, json_out):
+          trust_pickle, workers, stream, json_out):
     """Compile MODEL + calibration prompts into a bundle: a per-token sparse path at one byte
     budget (the runtime's default), plus static task-class paths and a router.
 
@@ -141,7 +145,7 @@ def build(model, calib, out, density, classes, max_classes, layout, tile, heads_
                        progress=not json_out, kv_groups=kv_groups,
                        skip_layers=skip_layers, budget=budget, max_kl=max_kl,
                        sketch_bits=sketch_bits, pertoken=not static_only,
-                       workers=parse_workers(workers))
+                       workers=parse_workers(workers), stream=stream)
     if report["timing"]["rank"] != 0:  # under torchrun: rank 0 speaks for the build
         return
     if json_out:

@@ -246,12 +246,7 @@ def discover(model, ep, example_args, example_kwargs, model_id: str,
             f"({len(linears)} linear layers found); nothing can be pruned")
 
     layers = _assemble_layers(attentions, ffns)
-    elsize_of = lambda p: (torch.empty(0, dtype=storage_dtype).element_size()  # noqa: E731
-                           if storage_dtype is not None else p.element_size())
-    params, total = {}, 0
-    for name, p in model.named_parameters():  # named_parameters dedups tied weights
-        params[name] = (list(p.shape), elsize_of(p))
-        total += p.numel() * elsize_of(p)
+    params, total = param_table(model, storage_dtype)
     for layer in layers:
         layer.param_bytes = sum(s[1] * int(torch.tensor(s[0]).prod())
                                 for n, s in params.items() if n.startswith(layer.module + "."))
@@ -259,6 +254,18 @@ def discover(model, ep, example_args, example_kwargs, model_id: str,
     dtype = str(storage_dtype or next(model.parameters()).dtype).replace("torch.", "")
     return StructureMap(model_id, type(model).__name__, dtype, total, hidden, layers, params,
                         unidentified, tile)
+
+
+def param_table(model, storage_dtype: torch.dtype | None = None):
+    """({parameter name: (shape, bytes per element in storage)}, total bytes); tied weights
+    once (named_parameters dedups them)."""
+    params, total = {}, 0
+    for name, p in model.named_parameters():
+        elsize = (torch.empty(0, dtype=storage_dtype).element_size()
+                  if storage_dtype is not None else p.element_size())
+        params[name] = (list(p.shape), elsize)
+        total += p.numel() * elsize
+    return params, total
 
 
 def _identify_attention(env, linears, q_n, k_n, v_n, out_n, unidentified):

@@ -14,7 +14,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import pickle
+import re
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -66,8 +69,11 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- loading
 def load_model(source: str | Path, trust_pickle: bool = False,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, stream: bool = False) -> LoadedModel:
     """Load any supported model for analysis and CPU execution (computing in `dtype`).
+
+    stream=True (Hugging Face safetensors directories and GGUF files): the decoder layers
+    stay on disk and are read one at a time when a forward needs them (cscompile.stream).
 
     Every failure caused by the input (missing, unreadable, truncated, garbled or implausible
     files, refused pickle) is a UserInputError subclass with a one-line message.
@@ -94,8 +100,11 @@ def load_model(source: str | Path, trust_pickle: bool = False,
                                  f"one of the named models ({', '.join(sorted(models.NAMED_MODELS))})")
         else:
             raise UserInputError(f"model path {shown} does not exist")
+    if stream and not (path.is_dir() or path.suffix == ".gguf"):
+        raise UserInputError(f"{path}: --stream reads a Hugging Face directory with "
+                             f"safetensors weights or a GGUF file")
     if path.is_dir():
-        loaded = _load_hf_dir(path, dtype)
+        loaded = _load_hf_dir(path, dtype, stream)
     elif path.suffix not in (".gguf", ".pt2", ".pt", ".pth", ".bin"):
         raise UnsupportedModelError(
             f"{path}: unsupported model format '{path.suffix or 'no suffix'}' (expected a Hugging "
@@ -103,7 +112,7 @@ def load_model(source: str | Path, trust_pickle: bool = False,
     elif not path.is_file():  # a FIFO or device would block or never end
         raise UserInputError(f"{path}: not a regular file")
     elif path.suffix == ".gguf":
-        loaded = _load_gguf(path, dtype)
+        loaded = _load_gguf(path, dtype, stream)
     elif path.suffix == ".pt2":
         loaded = _load_exported(path, trust_pickle)
     else:
@@ -179,12 +188,11 @@ def _check_model_size(path, config, stored: int | None) -> None:
                                     f"not a plausible model")
 
 
-def _load_hf_dir(path: Path, dtype) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype, stream: bool = False) -> LoadedModel:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise UnsupportedModelError(f"{path}: directory has no config.json (not a Hugging Face "
                                     f"model directory)")
-    import json
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -200,7 +208,12 @@ def _load_hf_dir(path: Path, dtype) -> LoadedModel:
         config = AutoConfig.from_pretrained(path)
         stored_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         _check_model_size(path, config, stored)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if stream:
+            from .stream import open_streamed
+
+            model = open_streamed(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except UserInputError:
         raise
     except Exception as e:  # transformers raises many types for garbled configs and weights
@@ -232,13 +245,13 @@ def _check_gguf_header(path: Path) -> None:
                                     f"corrupt)")
 
 
-def _load_gguf(path: Path, dtype) -> LoadedModel:
+def _load_gguf(path: Path, dtype, stream: bool = False) -> LoadedModel:
     """Dequantizing a GGUF takes tens of seconds to minutes, so it happens once: the bf16
     Hugging Face directory it becomes is cached by the file's sha256 (cscompile.models)."""
     from . import models
 
     _check_gguf_header(path)
-    loaded = _load_hf_dir(models.resolve_model(path), dtype)
+    loaded = _load_hf_dir(models.resolve_model(path), dtype, stream)
     loaded.model_id = _model_id(path)  # the file's name, not the cache directory's
     loaded.storage_dtype = torch.bfloat16
     return loaded
@@ -421,8 +434,10 @@ def _one_line(e: BaseException) -> str:
 
 def weight_hash(model: nn.Module) -> str:
     """Content hash of every parameter (names, shapes, bytes): the source model's identity."""
+    from .stream import state_items
+
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in state_items(model):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
@@ -457,6 +472,14 @@ def _example_ids_for(ep):
 
 def analyze(loaded: LoadedModel, tile: int = 64, seq_len: int = 8) -> StructureMap:
     """Trace the model and discover its StructureMap."""
+    from .stream import stream_of
+
+    if stream_of(loaded.model) is not None:
+        return _analyze_streamed(loaded, tile, seq_len)
+    return _analyze_traced(loaded, tile, seq_len)
+
+
+def _analyze_traced(loaded: LoadedModel, tile: int, seq_len: int) -> StructureMap:
     from .discover import discover
 
     ep, args, kwargs = trace(loaded, seq_len)
@@ -465,6 +488,54 @@ def analyze(loaded: LoadedModel, tile: int = 64, seq_len: int = 8) -> StructureM
                     loaded.storage_dtype, tile)
     _record_layer_outputs(loaded, smap, args[0] if args else kwargs["input_ids"])
     return smap
+
+
+def _analyze_streamed(loaded: LoadedModel, tile: int, seq_len: int) -> StructureMap:
+    """A layer-streamed model's StructureMap: the model cut to its first two decoder layers
+    (both resident) is traced and discovered as usual, and layer 1's structure is repeated
+    for every later layer, after checking that layer 0's is the same pattern (a decoder stack
+    of one layer type). Byte tables come from the whole model's parameter shapes."""
+    from .discover import param_table
+    from .stream import stream_of
+
+    model, stream = loaded.model, stream_of(loaded.model)
+    n, depth = stream.n_layers, min(stream.n_layers, 2)
+    layers, config = model.model.layers, model.config
+    saved = (config.num_hidden_layers, getattr(config, "layer_types", None))
+    try:
+        with stream.resident(0), stream.resident(depth - 1):
+            model.model.layers = nn.ModuleList(list(layers)[:depth])
+            config.num_hidden_layers = depth
+            if saved[1] is not None:
+                config.layer_types = list(saved[1])[:depth]
+            short = _analyze_traced(loaded, tile, seq_len)
+    finally:
+        model.model.layers = layers
+        config.num_hidden_layers = saved[0]
+        if saved[1] is not None:
+            config.layer_types = saved[1]
+    if depth > 1 and _layer_as(short, 0, 1) != short.layers[1]:
+        raise UnsupportedModelError(f"{loaded.model_id}: layer streaming needs decoder layers "
+                                    f"of one structure (layers 0 and 1 differ)")
+    params, total = param_table(model, loaded.storage_dtype)
+    short.layers += [_layer_as(short, depth - 1, i) for i in range(depth, n)]
+    short.params, short.total_bytes = params, total
+    for layer in short.layers:
+        layer.param_bytes = sum(elsize * math.prod(shape) for name, (shape, elsize)
+                                in params.items() if name.startswith(layer.module + "."))
+    short.unidentified += [m.replace(f"model.layers.{depth - 1}.", f"model.layers.{i}.")
+                           for i in range(depth, n) for m in list(short.unidentified)
+                           if f"model.layers.{depth - 1}." in m]
+    return short
+
+
+def _layer_as(smap: StructureMap, src: int, dst: int):
+    """Layer `src` of smap as layer `dst`: the same structure under dst's module paths."""
+    pattern = rf"model\.layers\.{src}(?=[.\"])"
+    d = json.loads(re.sub(pattern, f"model.layers.{dst}",
+                          json.dumps(smap.to_json()["layers"][src])))
+    d["index"] = dst
+    return StructureMap.from_json({**smap.to_json(), "layers": [d]}).layers[0]
 
 
 def _record_layer_outputs(loaded: LoadedModel, smap: StructureMap, example_ids) -> None:

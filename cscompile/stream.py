@@ -1,160 +1,225 @@
-"""Layer-streamed calibration: a Hugging Face causal LM whose decoder layers are read from its
-safetensors one at a time, with every prompt's activations flowing layer to layer (the pattern
-of sequential pruning / quantization pipelines), so at most one decoder layer is resident.
+"""Layer-streamed models: a Hugging Face causal LM whose decoder layers stay in their
+safetensors files until a forward (or a pass) needs them, so at most one decoder layer's
+weights is resident at a time (the way sequential pruning / quantization pipelines calibrate
+models larger than memory). `cscompile build --stream` runs the whole build on such a model.
 
-`LayerStream(model_dir)` holds the embeddings, final norm and lm_head (a model built with zero
-decoder layers) and the decoder layers as empty (meta) modules. `flow(prompts, on_layer)`
-records what decoder layer 0 receives for each prompt (the model's own forward, stopped there:
-the same hidden states, position embeddings and mask), then for each layer in turn loads its
-weights, runs every prompt's hidden states through it and frees it again. A layer module runs
-on the same inputs and weights as inside the whole model, so its outputs, and every statistic
-taken from them, are bit-identical to the in-memory forward's.
+`open_streamed(model_dir)` builds the model from its config with every parameter on `meta`
+(accelerate's init_empty_weights), loads the embeddings, final norm and lm_head, and gives
+each decoder-layer parameter a placeholder of the right shape that holds one NaN (4 bytes; a
+pass that read an unloaded weight would get NaNs, never plausible numbers). A forward
+pre-hook on each decoder layer loads its weights (the same conversion to the compute dtype as
+`from_pretrained`, then any registered transform such as the build's channel permutation)
+and a forward hook frees them, so the calibration activations flow layer to layer through
+one resident layer. Passes that read weights outside a forward hold `resident(model, li)`.
 
-`streamed_statistics` gives the build's per-layer statistics this way: prompt signatures
-(passes.signature) and the router's pooled features (passes.route), equal bit for bit to the
-in-memory passes (tests/test_stream.py). What still needs the whole model is listed in
-results/distributed_build.md: tracing (torch.export) for the structure map, the allocation's
-end-to-end KL measurements and decode checks, the input-sparsity thresholds and the bundle
-writer, which takes every weight at once.
+Loading swaps each Parameter's `.data`, never the Parameter: modules the per-token path
+swaps in, tied weights and id()-based byte accounting keep pointing at the same objects. A
+layer computes on the same inputs and the same weights as in the fully loaded model, so
+everything the build measures, and hence its bundle, is bit-identical (tests/test_stream.py).
 """
 
 from __future__ import annotations
 
-import json
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
+from torch import nn
 
 from .errors import UnsupportedModelError
 
+_NAN = float("nan")
 
-class _Stop(Exception):
-    """Raised by the layer-0 hook once it has recorded that layer's inputs."""
+
+def placeholder(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` that stores one NaN."""
+    return torch.full((1,), _NAN, dtype=dtype).expand(*shape)
 
 
 class LayerStream:
-    def __init__(self, model_dir, dtype: torch.dtype = torch.float32):
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
+    """The decoder layers of `model` (model.model.layers), read from `model_dir` on demand."""
 
-        self.dir = Path(model_dir)
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not (self.dir / "config.json").is_file() or not files:
-            raise UnsupportedModelError(f"{model_dir}: layer streaming needs a Hugging Face "
-                                        f"directory with config.json and .safetensors weights")
-        self.dtype = dtype
-        self.where = {}  # tensor name -> file
-        for f in files:
-            with safe_open(f, "pt") as st:
-                self.where.update({k: f for k in st.keys()})
-        config = AutoConfig.from_pretrained(self.dir)
-        self.n_layers = config.num_hidden_layers
-        with torch.device("meta"):  # the decoder layers' modules, without memory
-            layers = AutoModelForCausalLM.from_config(config, dtype=dtype).model.layers
-        shell = json.loads((self.dir / "config.json").read_text())
-        shell["num_hidden_layers"] = 0
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "weights not used": the layers, on purpose
-        try:
-            config0 = type(config).from_dict(shell)
-            self.model = AutoModelForCausalLM.from_pretrained(self.dir, config=config0,
-                                                              dtype=dtype)
-        finally:
-            hf_logging.set_verbosity(level)
-        self.model.eval()
-        self.model.model.layers = layers
-        self.model.config.num_hidden_layers = self.n_layers
-        self.layers = layers
+    def __init__(self, model: nn.Module, model_dir: Path, where: dict[str, Path],
+                 dtype: torch.dtype):
+        self.model, self.dir, self.where, self.dtype = model, Path(model_dir), where, dtype
+        self.layers = model.model.layers
+        self.n_layers = len(self.layers)
+        self.prefix = "model.layers."
+        # (name in the file, Parameter) per layer, fixed before any module is swapped
+        self.params = [[(f"{self.prefix}{li}.{n}", p) for n, p in layer.named_parameters()]
+                       for li, layer in enumerate(self.layers)]
+        self.users = [0] * self.n_layers
+        self.files: dict[Path, object] = {}
+        self.transforms: list[Callable[[int], None]] = []
+        self.loads = 0  # layer reads from disk, and their seconds, for the build report
+        self.read_s = 0.0
+        self.max_resident = 0
+        for li, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(lambda m, a, li=li: self._acquire(li))
+            layer.register_forward_hook(lambda m, a, o, li=li: self._release(li),
+                                        always_call=True)
 
-    def _layer_tensors(self, li: int) -> dict[str, torch.Tensor]:
+    def _open(self, f: Path):
+        """The file's safetensors handle (a memory map), opened once."""
         from safetensors import safe_open
 
-        prefix = f"model.layers.{li}."
-        names = [k for k in self.where if k.startswith(prefix)]
-        if not names:
-            raise UnsupportedModelError(f"{self.dir}: no tensors named {prefix}* (layer "
-                                        f"streaming reads Llama-style layer names)")
-        out = {}
-        for f in sorted({self.where[k] for k in names}):
-            with safe_open(f, "pt") as st:
-                for k in names:
-                    if self.where[k] == f:
-                        out[k[len(prefix):]] = st.get_tensor(k).to(self.dtype)
-        return out
+        if f not in self.files:
+            self.files[f] = safe_open(f, "pt")
+        return self.files[f]
 
-    def load(self, li: int) -> torch.nn.Module:
-        layer = self.layers[li]
-        layer.to_empty(device="cpu")
-        layer.load_state_dict(self._layer_tensors(li), strict=True)
-        return layer
+    def add_transform(self, fn: Callable[[int], None]) -> None:
+        """fn(li) edits layer li in place each time it is read (the build's permutation)."""
+        if any(self.users):
+            raise RuntimeError(f"layers {[i for i, u in enumerate(self.users) if u]} are "
+                               f"resident: a transform would miss their current copy")
+        self.transforms.append(fn)
 
-    def free(self, li: int) -> None:
-        self.layers[li].to("meta")
-
-    @torch.no_grad()
-    def _layer0_inputs(self, ids: torch.Tensor) -> tuple[tuple, dict]:
-        got = {}
-
-        def hook(module, args, kwargs):
-            got["call"] = (args, kwargs)
-            raise _Stop
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # ------------------------------------------------------------------ residency
+    @contextmanager
+    def resident(self, li: int):
+        self._acquire(li)
         try:
-            self.model(input_ids=ids.view(1, -1), use_cache=False)
-        except _Stop:
-            pass
+            yield self.layers[li]
         finally:
-            handle.remove()
-        return got["call"]
+            self._release(li)
 
-    @torch.no_grad()
-    def flow(self, prompts: list[torch.Tensor], on_layer=None, on_output=None) -> None:
-        """Every prompt through every decoder layer, layer-major. on_layer(li, module) is
-        called with the loaded layer before its prompts run (to hook it) and returns the hook
-        handles; on_output(li, p, hidden) sees prompt p's output of layer li."""
-        calls = [self._layer0_inputs(ids) for ids in prompts]
-        for li in range(self.n_layers):
-            layer = self.load(li)
-            handles = on_layer(li, layer) if on_layer else []
-            try:
-                for p, (args, kwargs) in enumerate(calls):
-                    out = layer(*args, **kwargs)
-                    hidden = out[0] if isinstance(out, tuple) else out
-                    if on_output:
-                        on_output(li, p, hidden)
-                    calls[p] = ((hidden, *args[1:]), kwargs) if args else (
-                        (), {**kwargs, "hidden_states": hidden})
-            finally:
-                for h in handles:
-                    h.remove()
-                self.free(li)
+    def _acquire(self, li: int) -> None:
+        if self.users[li] == 0:
+            self._load(li)
+        self.users[li] += 1
+
+    def _release(self, li: int) -> None:
+        self.users[li] -= 1
+        if self.users[li] == 0:
+            for _, p in self.params[li]:
+                p.data = placeholder(p.shape, p.dtype)
+
+    def _load(self, li: int) -> None:
+        t0 = time.perf_counter()
+        by_file: dict[Path, list] = {}
+        for name, p in self.params[li]:
+            if name not in self.where:
+                raise UnsupportedModelError(f"{self.dir}: no tensor {name} in its safetensors")
+            by_file.setdefault(self.where[name], []).append((name, p))
+        with torch.no_grad():
+            for f, items in sorted(by_file.items()):
+                st = self._open(f)
+                for name, p in items:
+                    # a copy even where the dtype matches: get_tensor's tensor may share the
+                    # file's memory map, which a transform's in-place edit would then change
+                    try:
+                        t = st.get_tensor(name).to(self.dtype, copy=True)
+                    except Exception as e:  # a file changed or damaged since it was opened
+                        raise UnsupportedModelError(f"{f}: cannot read {name} "
+                                                    f"({str(e).splitlines()[0]})") from None
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise UnsupportedModelError(
+                            f"{f}: {name} has shape {tuple(t.shape)}, the config says "
+                            f"{tuple(p.shape)}")
+                    p.data = t
+            for fn in self.transforms:
+                fn(li)
+        self.loads += 1
+        self.read_s += time.perf_counter() - t0
+        self.max_resident = max(self.max_resident, sum(u > 0 for u in self.users) + 1)
+
+    def layer_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        head = name[len(self.prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """model.state_dict() in sorted name order with real values (each layer's names are
+        contiguous in that order, so each layer is read once)."""
+        held, ctx = None, nullcontext()
+        try:
+            for name in sorted(self.model.state_dict()):
+                li = self.layer_of(name)
+                if li is not None and li != held:
+                    ctx.__exit__(None, None, None)
+                    ctx, held = self.resident(li), li
+                    ctx.__enter__()
+                try:  # looked up now: state_dict() holds the placeholders of that moment
+                    t = self.model.get_parameter(name)
+                except AttributeError:
+                    t = self.model.get_buffer(name)
+                yield name, t.detach()
+        finally:
+            ctx.__exit__(None, None, None)
 
 
-def streamed_statistics(model_dir, smap, prompts: list[torch.Tensor], router_layer: int,
-                        on_layer_done=None) -> tuple[np.ndarray, torch.Tensor]:
-    """(signatures [P, N], router features [P, hidden]) of `prompts`, layer-streamed; equal
-    to passes.signature.prompt_signatures and passes.route.router_features on the whole model."""
-    from .passes.signature import energy_hooks, layer_signature, unit_layout
+def stream_of(model: nn.Module) -> LayerStream | None:
+    return getattr(model, "_cscompile_stream", None)
 
-    stream = LayerStream(model_dir)
-    layout = unit_layout(smap)
-    sig = np.zeros((len(prompts), layout.n_units))
-    pooled = [None] * len(prompts)
-    store: dict = {}
 
-    def on_layer(li, layer):
-        return energy_hooks(stream.model, smap, li, store)
+def resident(model: nn.Module, li: int):
+    """Context in which decoder layer li's weights are real (a no-op for a loaded model)."""
+    stream = stream_of(model)
+    return stream.resident(li) if stream is not None else nullcontext()
 
-    def on_output(li, p, hidden):
-        layer_signature(smap, layout, li, store, sig[p])
-        store.clear()
-        if li == router_layer:
-            pooled[p] = hidden.detach().float().mean(1)
-        if on_layer_done and p == len(prompts) - 1:
-            on_layer_done(li)
 
-    stream.flow(prompts, on_layer, on_output)
-    return sig, torch.cat(pooled) if prompts else torch.zeros(0, smap.hidden_size)
+def state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of model.state_dict(), sorted by name, streamed where the model is."""
+    stream = stream_of(model)
+    return stream.state_items() if stream is not None else iter(
+        sorted(model.state_dict().items()))
+
+
+def safetensors_index(model_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    where = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            where.update({k: f for k in st.keys()})
+    return where
+
+
+def open_streamed(model_dir, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of a Hugging Face directory with its decoder layers streamed (see the
+    module docstring); its LayerStream is `stream_of(model)`."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    model_dir = Path(model_dir)
+    where = safetensors_index(model_dir)
+    if not (model_dir / "config.json").is_file() or not where:
+        raise UnsupportedModelError(f"{model_dir}: layer streaming needs a Hugging Face "
+                                    f"directory with config.json and .safetensors weights")
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():  # parameters on meta, buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    inner = getattr(model, "model", None)
+    if not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        raise UnsupportedModelError(f"{model_dir}: layer streaming needs a Llama-style "
+                                    f"model.model.layers stack")
+    if any(True for _ in inner.layers.buffers()):
+        raise UnsupportedModelError(f"{model_dir}: decoder layers hold buffers; layer "
+                                    f"streaming loads parameters only")
+    layer_prefix = "model.layers."
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if name.startswith(layer_prefix):
+            value = placeholder(p.shape, dtype)
+        elif name in where:
+            with safe_open(where[name], "pt") as st:
+                value = st.get_tensor(name).to(dtype)
+        elif tied and name == "lm_head.weight":
+            continue  # tie_weights below
+        else:
+            raise UnsupportedModelError(f"{model_dir}: no tensor {name} in its safetensors")
+        owner._parameters[attr] = nn.Parameter(value)
+    if tied:
+        model.tie_weights()
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    model.config.name_or_path = str(model_dir)
+    model.eval()
+    model._cscompile_stream = LayerStream(model, model_dir, where, dtype)
+    return model

@@ -42,6 +42,7 @@ from cscompile.distributed import SINGLE, RankGroup
 from cscompile.errors import UserInputError
 from cscompile.runtime.pertoken import (PerToken, dense_plan, ffn_bytes, head_bytes,
                                         input_bytes, plan_bytes)
+from cscompile.stream import resident
 from cscompile.structure import StructureMap
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
@@ -372,7 +373,8 @@ def greedy_path(model, smap: StructureMap, prompts: list[torch.Tensor], sketches
         units = [(li, part) for li in range(smap.n_layers) for part in parts]
         sensitivity = {}
         for li, part in units:
-            menu = _menu(model, smap, pt, cap, li, part, pt.shapes)
+            with resident(model, li):  # the part runs outside its layer's forward
+                menu = _menu(model, smap, pt, cap, li, part, pt.shapes)
             sensitivity[(li, part)] = _sensitivity(model, pt, cap, li, part, menu)
             menus[(li, part)] = [(c, b, d * sensitivity[(li, part)]) for c, b, d in menu]
             hulls[(li, part)] = _hull(menus[(li, part)])

@@ -23,6 +23,7 @@ from sklearn.cluster import KMeans
 
 from cscompile.errors import UserInputError
 from cscompile.execute import Support
+from cscompile.stream import stream_of
 from cscompile.structure import StructureMap
 
 from .signature import unit_layout
@@ -251,22 +252,37 @@ def channel_permutation(coactivation_profiles: dict[int, np.ndarray], tile: int 
 @torch.no_grad()
 def apply_permutation(model: torch.nn.Module, smap: StructureMap,
                       perms: dict[int, np.ndarray]) -> torch.nn.Module:
-    """Reorder FFN channels in place: new channel i = old channel perms[l][i] (logits unchanged)."""
+    """Reorder FFN channels in place: new channel i = old channel perms[l][i] (logits unchanged).
+    A layer-streamed model permutes each layer as it is read (cscompile.stream)."""
+    idx = {}
     for li, perm in perms.items():
+        idx[li] = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+        width = smap.layers[li].ffn.width
+        if sorted(idx[li].tolist()) != list(range(width)):
+            raise UserInputError(f"layer {li}: not a permutation of its {width} channels")
+
+    def permute(li: int) -> None:
+        if li not in idx:
+            return
         f = smap.layers[li].ffn
-        idx = torch.as_tensor(np.asarray(perm), dtype=torch.long)
-        if sorted(idx.tolist()) != list(range(f.width)):
-            raise UserInputError(f"layer {li}: not a permutation of its {f.width} channels")
         out_dim = 0 if f.weight_layout == "out_in" else 1
         for path in (f.gate, f.up):
             if path is None:
                 continue
             mod = model.get_submodule(path)
-            mod.weight.copy_(mod.weight.index_select(out_dim, idx))
+            mod.weight.copy_(mod.weight.index_select(out_dim, idx[li]))
             if getattr(mod, "bias", None) is not None:
-                mod.bias.copy_(mod.bias.index_select(0, idx))
+                mod.bias.copy_(mod.bias.index_select(0, idx[li]))
         down = model.get_submodule(f.down)
-        down.weight.copy_(down.weight.index_select(1 - out_dim, idx))
+        down.weight.copy_(down.weight.index_select(1 - out_dim, idx[li]))
+
+    stream = stream_of(model)
+    if stream is not None:
+        stream.add_transform(permute)
+    else:
+        with torch.no_grad():
+            for li in idx:
+                permute(li)
     return model
 
 

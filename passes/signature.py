@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cscompile.frontend import logits_of
+from cscompile.stream import resident
 from cscompile.structure import StructureMap
 
 
@@ -76,6 +77,12 @@ def energy_hooks(model, smap: StructureMap, li: int, store: dict) -> list:
     energies in store[("o", li)] / store[("down", li)]; the handles."""
     layer, handles = smap.layers[li], []
     a, f = layer.attention, layer.ffn
+    with resident(model, li):
+        _energy_hooks_of(model, a, f, li, store, handles)
+    return handles
+
+
+def _energy_hooks_of(model, a, f, li: int, store: dict, handles: list) -> None:
     if a is not None:
         o = model.get_submodule(a.o)
         handles.append(o.register_forward_pre_hook(
@@ -84,7 +91,6 @@ def energy_hooks(model, smap: StructureMap, li: int, store: dict) -> list:
         down = model.get_submodule(f.down)
         handles.append(down.register_forward_pre_hook(
             _energy_hook(store, ("down", li), _input_col_norms2(down, f.weight_layout))))
-    return handles
 
 
 def layer_signature(smap: StructureMap, layout: UnitLayout, li: int, store: dict,

@@ -15,6 +15,7 @@ import torch
 
 from cscompile.runtime.pack import pack_codes, quantize_codes
 from cscompile.runtime.pertoken import Rotation, output_head
+from cscompile.stream import resident
 from cscompile.structure import StructureMap
 
 
@@ -39,10 +40,11 @@ def sketch(model, smap: StructureMap, bits: int = 3, group: int = 64, seed: int 
     for li in layers:
         f = smap.layers[li].ffn
         rot = rotation()
-        for role, path in (("gate", f.gate), ("up", f.up)):
-            if path:
-                w = model.get_submodule(path).weight
-                out.update(_quantized(w, rot, bits, group, f"layers.{li}.{role}"))
+        with resident(model, li):
+            for role, path in (("gate", f.gate), ("up", f.up)):
+                if path:
+                    w = model.get_submodule(path).weight
+                    out.update(_quantized(w, rot, bits, group, f"layers.{li}.{role}"))
     if lm_head:
         out.update(_quantized(output_head(model).weight, rotation(), bits, group, "lm_head"))
     return out

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from cscompile.compat import cache_kwargs
 from cscompile.errors import UserInputError
+from cscompile.stream import resident
 
 METHODS = ("snapkv", "selfinfo", "measure", "recent")
 
@@ -98,7 +99,8 @@ def snapkv_scores(model, ids: torch.Tensor, cache, window: int, pool: int) -> to
         attn = layer.self_attn
         h, (cos, sin) = seen[attn]
         d = attn.head_dim
-        q = attn.q_proj(h).view(1, w, -1, d).transpose(1, 2)
+        with resident(model, li):  # q_proj runs outside its layer's forward
+            q = attn.q_proj(h).view(1, w, -1, d).transpose(1, 2)
         q = _rope(q, cos.unsqueeze(1), sin.unsqueeze(1))  # [1, heads, w, d]
         keys = cache.layers[getattr(attn, "layer_idx", li)].keys  # rotated at prefill
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)

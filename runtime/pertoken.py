@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cscompile.errors import BundleError, UserInputError
+from cscompile.stream import resident
 from cscompile.structure import StructureMap
 
 from .cpu_kernels import (planes_fit, quantize_x_reference, rotate, select_topk, sketch_gemv,
@@ -692,39 +693,43 @@ class PerToken:
         return Sketch(packed, scales, bits, group, k, rot)
 
     def _install(self, sketches):
-        model, smap = self.model, self.smap
-        for li, layer in enumerate(smap.layers):
-            a, f = layer.attention, layer.ffn
-            cfg = self.plan["layers"][li]
-            if a.fused_qkv or a.weight_layout != "out_in" or f.weight_layout != "out_in":
-                raise UserInputError(f"layer {li}: the per-token path needs separate q/k/v "
-                                     f"nn.Linear projections ([out, in] weights)")
-            q, k, v, o = (model.get_submodule(p) for p in (a.q, a.k, a.v, a.o))
-            qkv_owner = _InputOwner(self, cfg["qkv"], [q.weight, k.weight, v.weight], li)
-            for slot, (p, m) in enumerate(((a.q, q), (a.k, k), (a.v, v))):
-                self._swap(p, _InputSparse(m, qkv_owner, "qkv", slot == 0, slot))
-            self._swap(a.o, _InputSparse(o, _InputOwner(self, cfg["o"], [o.weight], li), "o",
-                                         True))
-            mlp = model.get_submodule(f.module)
-            gate = model.get_submodule(f.gate) if f.gate else None
-            up, down = model.get_submodule(f.up), model.get_submodule(f.down)
-            act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None)
-            if act is None:
-                raise UserInputError(f"layer {li}: FFN module {f.module} has no act_fn")
-            sk = None
-            if cfg["ffn"]["op"] == "sketch" or f"layers.{li}.up.packed" in sketches:
-                h = smap.hidden_size
-                sk = (self._sketch(sketches, f"layers.{li}.gate", h) if gate is not None else None,
-                      self._sketch(sketches, f"layers.{li}.up", h))
-            ffn = _SparseFFN(mlp, self, li, gate, up, down, act, cfg["ffn"], sk)
-            self.parts.append({"qkv": qkv_owner, "o": self._owner_of(a.o), "ffn": ffn})
-            self._swap(f.module, ffn)
+        model = self.model
+        for li, layer in enumerate(self.smap.layers):
+            with resident(model, li):  # a streamed layer: its weights, for the norms
+                self._install_layer(sketches, li, layer)
         head = output_head(model)
         head_sketch = None
         if self.plan["lm_head"]["op"] == "sketch" or "lm_head.packed" in sketches:
             head_sketch = self._sketch(sketches, "lm_head", head.weight.shape[1])
         path = next(n for n, m in model.named_modules() if m is head)
         self._swap(path, _SparseHead(head, self, head_sketch))
+
+    def _install_layer(self, sketches, li: int, layer):
+        model = self.model
+        a, f = layer.attention, layer.ffn
+        cfg = self.plan["layers"][li]
+        if a.fused_qkv or a.weight_layout != "out_in" or f.weight_layout != "out_in":
+            raise UserInputError(f"layer {li}: the per-token path needs separate q/k/v "
+                                 f"nn.Linear projections ([out, in] weights)")
+        q, k, v, o = (model.get_submodule(p) for p in (a.q, a.k, a.v, a.o))
+        qkv_owner = _InputOwner(self, cfg["qkv"], [q.weight, k.weight, v.weight], li)
+        for slot, (p, m) in enumerate(((a.q, q), (a.k, k), (a.v, v))):
+            self._swap(p, _InputSparse(m, qkv_owner, "qkv", slot == 0, slot))
+        self._swap(a.o, _InputSparse(o, _InputOwner(self, cfg["o"], [o.weight], li), "o", True))
+        mlp = model.get_submodule(f.module)
+        gate = model.get_submodule(f.gate) if f.gate else None
+        up, down = model.get_submodule(f.up), model.get_submodule(f.down)
+        act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None)
+        if act is None:
+            raise UserInputError(f"layer {li}: FFN module {f.module} has no act_fn")
+        sk = None
+        if cfg["ffn"]["op"] == "sketch" or f"layers.{li}.up.packed" in sketches:
+            h = self.smap.hidden_size
+            sk = (self._sketch(sketches, f"layers.{li}.gate", h) if gate is not None else None,
+                  self._sketch(sketches, f"layers.{li}.up", h))
+        ffn = _SparseFFN(mlp, self, li, gate, up, down, act, cfg["ffn"], sk)
+        self.parts.append({"qkv": qkv_owner, "o": self._owner_of(a.o), "ffn": ffn})
+        self._swap(f.module, ffn)
 
     def _owner_of(self, path: str):
         return self.model.get_submodule(path).owner
