@@ -20,6 +20,7 @@ rank and rank 0 writes the bundle.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -34,12 +35,13 @@ import torch
 from rich.console import Console
 
 from . import distributed
-from .bundle import StreamedTensors, to_jsonable, write_bundle
+from .bundle import to_jsonable, write_bundle
 from .calib import dedupe_prompts, prompt_hash, read_prompts
 from .errors import UserInputError
 from .execute import Support, reduce_model
 from .frontend import analyze, load_model, weight_hash
 from .progress import bar as progress_bar, status as progress_status
+from .safetensors_io import StreamedTensors
 from .stream import state_items, stream_of
 
 MIN_PROMPTS = 4
@@ -530,6 +532,7 @@ def _pertoken(model, smap, build_ids, held_ids, budget, max_kl, bits, seed, ph, 
                     3 * smap.n_layers, "parts") as advance:
         path, alloc_report = greedy_path(model, smap, prompts, sk, bits=bits, group=64,
                                          progress=advance, ranks=group)
+    gc.collect()  # the menus' PerToken and its modules are a cycle holding sketch copies
     pt = PerToken(model, smap, path.start, sk)
     try:
         with ph.phase("allocating the byte budget"):

@@ -440,8 +440,8 @@ def weight_hash(model: nn.Module) -> str:
     for name, p in state_items(model):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                 if p.dtype != torch.bool else p.numpy().tobytes())
+        t = p.detach().contiguous().cpu()  # hashed in place: no bytes copy of each tensor
+        h.update(t.view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy())
     return h.hexdigest()
 
 

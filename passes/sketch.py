@@ -19,9 +19,16 @@ from cscompile.stream import resident
 from cscompile.structure import StructureMap
 
 
+ROWS = 4096  # rows rotated and quantized at a time: an lm_head's transients stay small
+
+
 def _quantized(w: torch.Tensor, rot: Rotation, bits: int, group: int, prefix: str) -> dict:
-    codes, scales = quantize_codes(rot(w.detach().float()), bits, group)
-    return {f"{prefix}.packed": pack_codes(codes, bits), f"{prefix}.scales": scales,
+    packed, scales = [], []
+    for i in range(0, w.shape[0], ROWS):
+        codes, s = quantize_codes(rot(w[i:i + ROWS].detach().float()), bits, group)
+        packed.append(pack_codes(codes, bits))
+        scales.append(s)
+    return {f"{prefix}.packed": torch.cat(packed), f"{prefix}.scales": torch.cat(scales),
             **rot.tensors(prefix)}
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cscompile.errors import BundleError, UserInputError
-from cscompile.stream import resident
+from cscompile.stream import resident, stream_of
 from cscompile.structure import StructureMap
 
 from .cpu_kernels import (planes_fit, quantize_x_reference, rotate, select_topk, sketch_gemv,
@@ -321,11 +321,37 @@ def missed_share(score: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class Sketch:
     """A b-bit rotated sketch of W [N, K]: est(x) ~= W x from rot(x) and dequantized codes."""
 
-    def __init__(self, packed, scales, bits, group, k, rotation: Rotation):
+    ROWS = 4096  # rows dequantized and multiplied at a time (an lm_head has 49k-262k)
+
+    def __init__(self, packed, scales, bits, group, k, rotation: Rotation,
+                 keep_weight: bool = True):
         self.packed, self.scales, self.bits, self.group, self.k = packed, scales, bits, group, k
         self.rotation = rotation
-        self.weight = dequantize_codes(unpack_codes(packed, bits, k), scales, bits, group)
+        # keep_weight=False (a layer-streamed model): rows dequantized at each call, never
+        # held; SmolLM2's sketches dequantized take 325 MB, as much as the weights they sketch
+        self.keep_weight = keep_weight
+        self._weight = None
         self._planes = None
+
+    def _rows(self, i: int) -> torch.Tensor:
+        """Dequantized rows [i, i + ROWS), float32 (elementwise: equal to a slice of the whole)."""
+        if self._weight is not None:
+            return self._weight[i:i + self.ROWS]
+        return dequantize_codes(unpack_codes(self.packed[i:i + self.ROWS], self.bits, self.k),
+                                self.scales[i:i + self.ROWS], self.bits, self.group)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized codes, float32 [N, K]."""
+        if self._weight is not None:
+            return self._weight
+        n = self.packed.shape[0]
+        w = torch.empty(n, self.k, dtype=torch.float32, device=self.packed.device)
+        for i in range(0, n, self.ROWS):
+            w[i:i + self.ROWS] = self._rows(i)
+        if self.keep_weight:
+            self._weight = w
+        return w
 
     @property
     def planes(self) -> torch.Tensor:
@@ -348,9 +374,17 @@ class Sketch:
             xr = quantize_x_reference(rot(x.float()), self.group).reshape(-1, x.shape[-1])
             y = sketch_gemv(self.packed, self.scales, xr, self.bits, self.group, x.shape[-1])
             return y.view(*x.shape[:-1], -1)
-        if self.weight.device != x.device:
-            self.weight = self.weight.to(x.device)
-        return quantize_x_reference(rot(x.float()), self.group) @ self.weight.T
+        if self.keep_weight and (self._weight is None or self._weight.device != x.device):
+            self._weight = self.weight.to(x.device)
+        xq = quantize_x_reference(rot(x.float()), self.group)
+        n = self.packed.shape[0]
+        if n <= self.ROWS:
+            return xq @ self._rows(0).to(x.device).T
+        # by blocks of rows, kept weights or not: the same products, so the same bits
+        out = torch.empty(*xq.shape[:-1], n, dtype=xq.dtype, device=xq.device)
+        for i in range(0, n, self.ROWS):
+            out[..., i:i + self.ROWS] = xq @ self._rows(i).to(x.device).T
+        return out
 
 
 # ----------------------------------------------------------------------------- modules
@@ -690,7 +724,8 @@ class PerToken:
             raise BundleError(f"sketch {prefix}: shapes {tuple(packed.shape)} / "
                               f"{tuple(scales.shape)} do not fit {bits} bits, group {group}, "
                               f"{k} inputs")
-        return Sketch(packed, scales, bits, group, k, rot)
+        return Sketch(packed, scales, bits, group, k, rot,
+                      keep_weight=stream_of(self.model) is None)
 
     def _install(self, sketches):
         model = self.model

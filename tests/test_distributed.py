@@ -1,5 +1,6 @@
-"""Builds on several ranks (cscompile.distributed): byte-identical to one process; a rank that
-dies ends the build with one line and no bundle; bad --workers values are refused."""
+"""Builds on several ranks (cscompile.distributed) and layer-streamed (cscompile.stream):
+byte-identical to one in-memory process; a rank that dies ends the build with one line and no
+bundle; bad --workers values are refused."""
 import hashlib
 import json
 import os
@@ -50,6 +51,19 @@ def test_two_ranks_write_the_one_rank_bundle(one_rank, stories_dir, calib, tmp_p
     assert (out2 / "manifest.json").read_bytes() == (out1 / "manifest.json").read_bytes()
     assert {k: v for k, v in report2.items() if k not in ("timing", "bundle")} == \
         {k: v for k, v in report1.items() if k not in ("timing", "bundle")}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_layer_streamed_builds_write_the_in_memory_bundle(one_rank, stories_dir, calib, tmp_path,
+                                                         workers):
+    """--stream on 1 and 2 ranks: decoder layers read one at a time by every forward, the
+    same bytes in every file."""
+    out1, report1 = one_rank
+    out = tmp_path / "bundle"
+    report = run_build(str(stories_dir), calib, out, workers=workers, stream=True, **BUILD)
+    assert report["timing"]["streamed"] and report["timing"]["layer_reads"] > 0
+    assert report1["timing"]["layer_reads"] is None
+    assert _digests(out) == _digests(out1)
 
 
 def test_a_rank_dying_fails_the_build_with_one_line(stories_dir, calib, tmp_path):

@@ -1,20 +1,22 @@
 """cscompile.stream: a model whose decoder layers are read from safetensors one at a time
 computes, analyses and writes exactly what the loaded model does; bad uses are one line."""
+import hashlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from cscompile.bundle import StreamedTensors
 from cscompile.errors import UnsupportedModelError, UserInputError
 from cscompile.frontend import analyze, load_model, weight_hash
 from cscompile.stream import open_streamed, resident, state_items, stream_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STREAMABLE = ("llama", "qwen2", "gemma2", "gemma3_text")  # model.model.layers stacks
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "calib.jsonl"
 
 
 def _prompts():
@@ -120,30 +122,6 @@ def test_other_stacks_and_formats_are_refused_in_one_line(tiny_dirs, tmp_path):
         load_model(pt, stream=True)
 
 
-def test_streamed_tensors_write_what_save_file_writes(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    tensors = {"b.w": torch.randn(3, 4, generator=g).bfloat16(), "a.w": torch.randn(5, generator=g),
-               "z": torch.arange(7, dtype=torch.int32), "m": torch.zeros(2, 3, dtype=torch.uint8),
-               "c": torch.randn(1, generator=g).half(), "empty": torch.zeros(0, 4),
-               "scalar": torch.tensor(3.0), "flags": torch.tensor([True, False]),
-               "i64": torch.ones(3, dtype=torch.int64), "f64": torch.ones(2, dtype=torch.float64)}
-    save_file(tensors, str(tmp_path / "ref.safetensors"))
-    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-    # produced in another order than the file's: each lands at its own offset
-    StreamedTensors(specs, lambda: reversed(list(tensors.items()))).write(tmp_path / "s.safetensors")
-    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
-
-
-def test_streamed_tensors_refuse_what_was_not_announced(tmp_path):
-    from cscompile.errors import BuildError
-
-    specs = {"a": (torch.float32, (2,))}
-    with pytest.raises(BuildError, match="not the one announced"):
-        StreamedTensors(specs, lambda: iter([("a", torch.zeros(3))])).write(tmp_path / "x")
-    with pytest.raises(BuildError, match="never produced"):
-        StreamedTensors(specs, lambda: iter([])).write(tmp_path / "y")
-
-
 def test_cli_refuses_stream_with_the_compact_layout(stories_dir, tmp_path):
     calib = tmp_path / "c.jsonl"
     calib.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(4)))
@@ -153,3 +131,66 @@ def test_cli_refuses_stream_with_the_compact_layout(stories_dir, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--stream writes the gather layout only" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+# One build in a fresh process, its memory measured above what the libraries hold: the process
+# first builds stories260K (1 MB of weights: every code path and library the build uses is
+# imported and warmed), returns its free heap (malloc_trim) and resets the kernel's peak-RSS
+# mark (/proc/self/clear_refs "5"); VmHWM at the end is then the SmolLM2 build's own peak.
+_DRIVER = r"""
+import ctypes, json, re, sys
+import torch
+torch.set_num_threads(1)
+from cscompile.build import run_build
+from cscompile.frontend import load_model
+
+def mb(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+warm, model, calib, out, mode = sys.argv[1:6]
+run_build(warm, calib, out + ".warm", progress=False, stream=mode == "stream", budget=0.7)
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")
+base = mb("VmRSS")
+if mode == "load":
+    load_model(model)  # the in-memory build's first step, alone
+else:
+    run_build(model, calib, out, progress=False, stream=mode == "stream", budget=0.7)
+print(json.dumps({"base_mb": base, "peak_mb": mb("VmHWM")}))
+"""
+
+
+def _measured(stories_dir, model_dir, calib, out, mode) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(stories_dir), str(model_dir),
+                           str(calib), str(out), mode], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _digests(d: Path) -> dict:
+    return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.slow
+def test_a_streamed_smollm2_build_fits_under_the_model_size(stories_dir, smollm2_dir, tmp_path):
+    """The streamed build's peak memory above the libraries stays below the size of the fp32
+    model it computes with (which the in-memory build's loading alone exceeds, measured the
+    same way), and its bundle is the in-memory build's, file by file."""
+    from cscompile.build import run_build
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(EXAMPLES.read_text().splitlines()[:5]) + "\n")
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    model = open_streamed(smollm2_dir)
+    cap_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20  # fp32: 513 MiB
+    del model
+    streamed = _measured(stories_dir, smollm2_dir, calib, tmp_path / "streamed", "stream")
+    loading = _measured(stories_dir, smollm2_dir, calib, tmp_path / "loading", "load")
+    assert config["num_hidden_layers"] == 30
+    assert streamed["peak_mb"] - streamed["base_mb"] < cap_mb, (streamed, cap_mb)
+    assert loading["peak_mb"] - loading["base_mb"] > cap_mb, (loading, cap_mb)  # it bites
+    run_build(smollm2_dir, calib, tmp_path / "memory", progress=False, budget=0.7)
+    assert _digests(tmp_path / "streamed") == _digests(tmp_path / "memory")
