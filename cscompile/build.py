@@ -304,11 +304,7 @@ def build_rank(model, calib, out, density, classes, max_classes, layout, heads_k
     # weights are stored in the source's storage dtype (bf16 for SmolLM2), not the fp32 we
     # compute in on CPU: the bundle is no bigger than the model it came from
     store = loaded.storage_dtype or next(loaded.model.parameters()).dtype
-    if stream_of(loaded.model) is None:
-        weights, tied = _dedup_tied(loaded.model.state_dict())  # dedup before the cast copies
-        weights = {k: v.to(store) if v.is_floating_point() else v for k, v in weights.items()}
-    else:
-        weights, tied = _streamed_weights(loaded.model, store)
+    weights, tied = _weights_file(loaded.model, store)
     manifest["tied_weights"] = tied
     manifest["weights_dtype"] = str(store).replace("torch.", "")
     tensors = {"weights.safetensors": weights,
@@ -459,9 +455,9 @@ def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return tied
 
 
-def _streamed_weights(model, store: torch.dtype) -> tuple[StreamedTensors, dict[str, str]]:
-    """weights.safetensors of a layer-streamed model, written one decoder layer at a time:
-    the same names, dtypes and bytes as _dedup_tied + the cast give the loaded model."""
+def _weights_file(model, store: torch.dtype) -> tuple[StreamedTensors, dict[str, str]]:
+    """weights.safetensors, each tensor cast to the storage dtype as it is written (a
+    layer-streamed model's one decoder layer at a time), tied tensors once; and the ties."""
     state = model.state_dict()
     tied = _tied_names(state)
 
