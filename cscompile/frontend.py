@@ -517,6 +517,11 @@ def _analyze_streamed(loaded: LoadedModel, tile: int, seq_len: int) -> Structure
     if depth > 1 and _layer_as(short, 0, 1) != short.layers[1]:
         raise UnsupportedModelError(f"{loaded.model_id}: layer streaming needs decoder layers "
                                     f"of one structure (layers 0 and 1 differ)")
+    shapes = [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in layers]
+    if differ := [i for i in range(depth, n) if shapes[i] != shapes[depth - 1]]:
+        raise UnsupportedModelError(f"{loaded.model_id}: layer streaming needs decoder layers "
+                                    f"of one structure (layer {differ[0]}'s parameters differ "
+                                    f"from layer {depth - 1}'s)")
     params, total = param_table(model, loaded.storage_dtype)
     short.layers += [_layer_as(short, depth - 1, i) for i in range(depth, n)]
     short.params, short.total_bytes = params, total

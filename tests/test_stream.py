@@ -113,6 +113,19 @@ def test_streamed_analysis_of_stories260k(stories, stories_dir):
     assert got.to_json(channels=True) == smap.to_json(channels=True)
 
 
+def test_a_stack_whose_later_layers_differ_is_refused(tiny_dirs):
+    """The two-layer trace stands for every layer only if they all have its parameters."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    loaded = load_model(tiny_dirs["llama"], stream=True)
+    config = loaded.model.config
+    wide = type(config).from_dict({**config.to_dict(), "intermediate_size": 128})
+    with torch.device("meta"):
+        loaded.model.model.layers[2].mlp = LlamaMLP(wide)
+    with pytest.raises(UnsupportedModelError, match="layer 2's parameters differ"):
+        analyze(loaded)
+
+
 def test_other_stacks_and_formats_are_refused_in_one_line(tiny_dirs, tmp_path):
     with pytest.raises(UnsupportedModelError, match="model.model.layers"):
         load_model(tiny_dirs["gpt2"], stream=True)
