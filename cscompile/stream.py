@@ -55,7 +55,6 @@ class LayerStream:
         self.transforms: list[Callable[[int], None]] = []
         self.loads = 0  # layer reads from disk, and their seconds, for the build report
         self.read_s = 0.0
-        self.max_resident = 0
         for li, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(lambda m, a, li=li: self._acquire(li))
             layer.register_forward_hook(lambda m, a, o, li=li: self._release(li),
@@ -98,7 +97,6 @@ class LayerStream:
                 fn(li)
         self.loads += 1
         self.read_s += time.perf_counter() - t0
-        self.max_resident = max(self.max_resident, sum(u > 0 for u in self.users) + 1)
 
     def layer_of(self, name: str) -> int | None:
         if not name.startswith(self.prefix):
