@@ -331,6 +331,8 @@ class Sketch:
         # held; SmolLM2's sketches dequantized take 325 MB, as much as the weights they sketch
         self.keep_weight = keep_weight
         self._weight = None
+        if keep_weight:  # made now, not inside a forward that torch.export may be tracing
+            self._weight = self.weight
         self._planes = None
 
     def _rows(self, i: int) -> torch.Tensor:
@@ -374,8 +376,8 @@ class Sketch:
             xr = quantize_x_reference(rot(x.float()), self.group).reshape(-1, x.shape[-1])
             y = sketch_gemv(self.packed, self.scales, xr, self.bits, self.group, x.shape[-1])
             return y.view(*x.shape[:-1], -1)
-        if self.keep_weight and (self._weight is None or self._weight.device != x.device):
-            self._weight = self.weight.to(x.device)
+        if self._weight is not None and self._weight.device != x.device:
+            self._weight = self._weight.to(x.device)
         xq = quantize_x_reference(rot(x.float()), self.group)
         n = self.packed.shape[0]
         if n <= self.ROWS:
