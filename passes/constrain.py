@@ -280,9 +280,8 @@ def apply_permutation(model: torch.nn.Module, smap: StructureMap,
     if stream is not None:
         stream.add_transform(permute)
     else:
-        with torch.no_grad():
-            for li in idx:
-                permute(li)
+        for li in idx:
+            permute(li)
     return model
 
 

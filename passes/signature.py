@@ -77,20 +77,16 @@ def energy_hooks(model, smap: StructureMap, li: int, store: dict) -> list:
     energies in store[("o", li)] / store[("down", li)]; the handles."""
     layer, handles = smap.layers[li], []
     a, f = layer.attention, layer.ffn
-    with resident(model, li):
-        _energy_hooks_of(model, a, f, li, store, handles)
+    with resident(model, li):  # the column norms read the layer's weights
+        if a is not None:
+            o = model.get_submodule(a.o)
+            handles.append(o.register_forward_pre_hook(
+                _energy_hook(store, ("o", li), _input_col_norms2(o, a.weight_layout))))
+        if f is not None:
+            down = model.get_submodule(f.down)
+            handles.append(down.register_forward_pre_hook(
+                _energy_hook(store, ("down", li), _input_col_norms2(down, f.weight_layout))))
     return handles
-
-
-def _energy_hooks_of(model, a, f, li: int, store: dict, handles: list) -> None:
-    if a is not None:
-        o = model.get_submodule(a.o)
-        handles.append(o.register_forward_pre_hook(
-            _energy_hook(store, ("o", li), _input_col_norms2(o, a.weight_layout))))
-    if f is not None:
-        down = model.get_submodule(f.down)
-        handles.append(down.register_forward_pre_hook(
-            _energy_hook(store, ("down", li), _input_col_norms2(down, f.weight_layout))))
 
 
 def layer_signature(smap: StructureMap, layout: UnitLayout, li: int, store: dict,

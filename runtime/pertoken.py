@@ -328,11 +328,10 @@ class Sketch:
         self.packed, self.scales, self.bits, self.group, self.k = packed, scales, bits, group, k
         self.rotation = rotation
         # keep_weight=False (a layer-streamed model): rows dequantized at each call, never
-        # held; SmolLM2's sketches dequantized take 325 MB, as much as the weights they sketch
-        self.keep_weight = keep_weight
+        # held; SmolLM2's sketches dequantized take 325 MB, as much as the weights they sketch.
+        # Kept ones are made now, not inside a forward that torch.export may be tracing.
         self._weight = None
-        if keep_weight:  # made now, not inside a forward that torch.export may be tracing
-            self._weight = self.weight
+        self._weight = self.weight if keep_weight else None
         self._planes = None
 
     def _rows(self, i: int) -> torch.Tensor:
@@ -351,8 +350,6 @@ class Sketch:
         w = torch.empty(n, self.k, dtype=torch.float32, device=self.packed.device)
         for i in range(0, n, self.ROWS):
             w[i:i + self.ROWS] = self._rows(i)
-        if self.keep_weight:
-            self._weight = w
         return w
 
     @property
