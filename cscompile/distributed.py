@@ -185,6 +185,8 @@ def _rank_main(rank: int, world: int, port: int, threads: int, target: str, kwar
         result = getattr(importlib.import_module(module), name)(group=group, **kwargs)
         if rank == 0:
             (status / "result.json").write_text(json.dumps(result))
+        (status / f"done-{rank}").touch()  # past the last collective: its work is complete
+        fail_hook(group, "teardown")
     except BaseException as e:  # noqa: BLE001 - recorded for the parent, then exit non-zero
         kind = type(e).__name__ if isinstance(e, errors.CsError) else None
         msg = str(e) if kind else one_line(traceback.format_exc().strip().splitlines()[-1])
@@ -217,6 +219,11 @@ def spawn_ranks(world: int, target: str, kwargs: dict, threads: int | None = Non
                              args=(r, world, port, threads, target,
                                    {**kwargs, "status_dir": status_dir}, status_dir))
                  for r in range(world)]
+        # A rank that finished its work can still abort while tearing down gloo ("terminate
+        # called without an active exception", seen in one CI run); the build has succeeded.
+        def _done(p) -> bool:
+            return Path(status_dir, f"done-{procs.index(p)}").exists()
+
         try:
             for p in procs:
                 p.start()
@@ -226,7 +233,7 @@ def spawn_ranks(world: int, target: str, kwargs: dict, threads: int | None = Non
                 for p in [p for p in running if p.sentinel in done]:
                     p.join()
                     running.remove(p)
-                    if p.exitcode != 0 and first_failed is None:
+                    if p.exitcode != 0 and first_failed is None and not _done(p):
                         first_failed = p
         finally:
             # a failed rank ends the build. Its peers usually notice (gloo: connection closed)

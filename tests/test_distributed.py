@@ -79,6 +79,17 @@ def test_a_rank_dying_fails_the_build_with_one_line(stories_dir, calib, tmp_path
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []  # no bundle, no temp dir
 
 
+def test_a_rank_failing_after_its_work_is_done_does_not_fail_the_build(
+        one_rank, stories_dir, calib, tmp_path, monkeypatch):
+    """Past the last collective, a rank's exit status is only its teardown (gloo can abort
+    there): the bundle is written and whole, so the build succeeds."""
+    monkeypatch.setenv(FAIL_ENV, "0:teardown")
+    out = tmp_path / "bundle"
+    report = run_build(str(stories_dir), calib, out, workers=2, **BUILD)
+    assert report["timing"]["ranks"] == 2
+    assert _digests(out) == _digests(one_rank[0])
+
+
 def test_an_input_error_on_the_ranks_is_the_same_error(calib, tmp_path):
     """Every rank meets it (here: no such model); the build raises it once, as one process
     would, and writes nothing."""
