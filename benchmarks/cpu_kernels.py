@@ -1,7 +1,7 @@
 """CPU sparse GEMV kernels (runtime/cpu_kernels.py) against torch and the machine's bandwidth.
 
 One run measures, for each thread count and batch size: the read bandwidth (a streaming byte
-sum over a 256 MiB buffer), torch's dense GEMV (F.linear, fp32 and bf16), our dense_gemv, and
+sum over a 256 MiB buffer), torch's dense GEMV (F.linear, fp32 and bf16), our dense_gemv (fp32, bf16, int8, int4), and
 gather_gemv / rows_gemv / ffn_sparse at 50% and 25% kept, sketch_gemv at 2/3/4 bits (and sketch_q8, the int8 kernel a batch-1 step runs), at
 SmolLM2-135M shapes and two 7B-like shapes. Every op of one (shape, threads, batch) group is
 timed in interleaved rounds (so the ratios compare like with like on a noisy, shared machine),
@@ -103,8 +103,17 @@ def time_group(ops: dict, rounds: int, round_s: float, min_calls: int) -> dict:
 
 
 def weight_sets(n: int, k: int, dtype: torch.dtype, gen, transposed: bool):
-    """Copies of one [n, k] weight (or its [k, n] transpose) in dtype (int8: with scales)."""
+    """Copies of one [n, k] weight (or its [k, n] transpose) in dtype (int8: with scales;
+    "int4": runtime.pack.Q4 rows / Q4Cols, the same blocks of 32 inputs)."""
     base = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    if dtype == "int4":
+        if transposed:
+            qc = pack.quantize_q4_cols(base)
+            make = lambda i: (pack.Q4Cols(qc.codes.clone(), qc.scales.clone(), qc.cols), None)  # noqa: E731
+            return make, qc.nbytes
+        q = pack.quantize_q4(base)
+        make = lambda i: (pack.Q4(q.blocks.clone(), q.cols), None)  # noqa: E731
+        return make, q.nbytes
     if transposed:
         base = base.T.contiguous()
     elt = {torch.float32: 4, torch.bfloat16: 2, torch.int8: 1}[dtype]
@@ -123,10 +132,10 @@ def bench_linear(label, n, k, threads, batch, dtypes, gen, args, bw):
     ops, meta = {}, {}
     dense_name = {}
     for dt in dtypes:
-        dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[dt]
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8", "int4": "int4"}[dt]
         make, nbytes = weight_sets(n, k, dt, gen, transposed=False)
         ws = make_copies(make, nbytes)
-        if dt != torch.int8:
+        if dt in (torch.float32, torch.bfloat16):
             xt = x.to(dt)
             ops[f"torch dense {dname}"] = (lambda ws, xt: lambda i: F.linear(xt, ws[i % len(ws)][0]))(ws, xt)
             meta[f"torch dense {dname}"] = ("torch dense", dname, 1.0, nbytes, None)
@@ -148,7 +157,11 @@ def bench_linear(label, n, k, threads, batch, dtypes, gen, args, bw):
             wt = make_copies(make_t, nbytes, keep)
             nm = f"gather_gemv {dname} {keep:.0%}"
             ops[nm] = (lambda wt, idx: lambda i: C.gather_gemv(wt[i % len(wt)][0], x, idx, wt[i % len(wt)][1]))(wt, idx)
-            meta[nm] = ("gather_gemv", dname, keep, nbytes * idx.numel() / k, dense_name[dname])
+            read = nbytes * idx.numel() / k
+            if dt == "int4":  # codes of the kept inputs, every group's scales and minima
+                qc = wt[0][0]
+                read = qc.codes.numel() * idx.numel() / k + 2 * qc.scales.numel()
+            meta[nm] = ("gather_gemv", dname, keep, read, dense_name[dname])
     res = time_group(ops, args.rounds, args.round_s, args.min_calls)
     for nm, (op, dname, keep, nbytes, ref) in meta.items():
         rows.append(row(label, op, dname, keep, threads, batch, res[nm], nbytes, bw,
@@ -270,7 +283,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--round-s", type=float, default=0.03, help="seconds per op per round")
     ap.add_argument("--min-calls", type=int, default=5)
-    ap.add_argument("--dtypes", default="fp32,bf16,int8")
+    ap.add_argument("--dtypes", default="fp32,bf16,int8,int4")
     ap.add_argument("--sketch-bits", default="2,3,4")
     ap.add_argument("--only", default="linear,ffn,sketch", help="which sections to run")
     ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
@@ -283,7 +296,7 @@ def main(argv=None):
         args.rounds, args.round_s = 3, 0.02
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    dmap = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+    dmap = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": "int4"}
     dtypes = [dmap[d] for d in args.dtypes.split(",")]
     only = set(args.only.split(","))
     if not C.available():
@@ -308,7 +321,7 @@ def main(argv=None):
                     rows += bench_linear(label, n, k, nt, b, dtypes, gen, args, bw)
             if "ffn" in only:
                 for label, h, inter in ffns:
-                    rows += bench_ffn(label, h, inter, nt, b, [d for d in dtypes if d != torch.int8], gen, args, bw)
+                    rows += bench_ffn(label, h, inter, nt, b, [d for d in dtypes if d in (torch.float32, torch.bfloat16)], gen, args, bw)
             if "sketch" in only:
                 for label, n, k in sketch:
                     rows += bench_sketch(label, n, k, nt, b, gen, args, bw)

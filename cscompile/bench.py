@@ -118,12 +118,13 @@ def _environment(device: torch.device) -> tuple[dict, dict]:
 
 def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_tokens=32,
               repeats=5, warmup=1, threads=None, device=None, seed=0, overhead=False,
-              progress=True, onnxruntime=False, int8=False) -> dict:
+              progress=True, onnxruntime=False, int8=False, int4=False) -> dict:
     """Benchmark TARGET (bundle or model): a JSON-able dict with environment and rows.
     progress=False: nothing on stderr (else a bar where someone watches, cscompile.progress).
     onnxruntime: also rows for the bundle's ONNX export on onnxruntime (runtime.onnx_backend;
-    exported into the cache on first use). int8: also the CPU kernels' rows (every weight,
-    per-token) with int8 weights (runtime.cpu_backend.quantize_rows), on a second session."""
+    exported into the cache on first use). int8 / int4: also the CPU kernels' rows (every
+    weight, per-token) with int8 weights (runtime.cpu_backend.quantize_rows) / int4 blocks
+    (runtime.pack.Q4), each on a session of its own."""
     from cscompile.progress import bar, status
     from cscompile.runtime import load
     from cscompile.runtime.pertoken import dense_plan, plan_bytes
@@ -176,16 +177,16 @@ def run_bench(target, classes="all", batch_sizes=(1,), prompt_len=128, new_token
             storage = plan_b * smap.total_bytes / pt.bytes()["dense_bytes"]
             return storage, storage * dense_fp32 / smap.total_bytes
 
-        if int8:
+        for quant in [q for q, on in (("int8", int8), ("int4", int4)) if on]:
             if pt is None or pt.cpu is None:
-                raise UserInputError("--int8 benches a bundle's per-token path on the CPU "
-                                     "kernels: this target has none here")
-            s8 = load(target, device=device, weights="int8")
-            pt8 = s8.pertoken
-            paths.append(("dense int8 (cpu kernels)", ("full", True, pt8), s8.model,
-                          *sized(plan_bytes(dense_plan(smap), pt8.shapes)["bytes"])))
-            paths.append(("pertoken int8 (cpu kernels)", ("pertoken", True, pt8), s8.model,
-                          *sized(pt8.bytes()["bytes"])))
+                raise UserInputError(f"--{quant} benches a bundle's per-token path on the CPU "
+                                     f"kernels: this target has none here")
+            sq = load(target, device=device, weights=quant)
+            ptq = sq.pertoken
+            paths.append((f"dense {quant} (cpu kernels)", ("full", True, ptq), sq.model,
+                          *sized(plan_bytes(dense_plan(smap), ptq.shapes)["bytes"])))
+            paths.append((f"pertoken {quant} (cpu kernels)", ("pertoken", True, ptq), sq.model,
+                          *sized(ptq.bytes()["bytes"])))
         if pt is not None:  # the per-token path on its kernels, and as torch masks
             for kernels in ([True, False] if pt.cpu is not None else [False]):
                 paths.append((f"pertoken ({'cpu kernels' if kernels else 'torch masks'})",
@@ -448,9 +449,12 @@ from cscompile.errors import friendly_errors  # noqa: E402
 @click.option("--int8", is_flag=True,
               help="Also time the CPU kernels with int8 weights (every weight, and the "
                    "per-token path): sparsity and quantization together.")
+@click.option("--int4", is_flag=True,
+              help="Also time the CPU kernels with int4 weights (blocks of 32, fp16 scale and "
+                   "minimum; every weight, and the per-token path).")
 @friendly_errors
 def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup, threads,
-          json_out, device, overhead, onnxruntime, int8):
+          json_out, device, overhead, onnxruntime, int8, int4):
     """Time prefill and decode of TARGET (a bundle: dense and each class; a model: dense)."""
     import json
     from pathlib import Path
@@ -461,7 +465,7 @@ def bench(target, classes, batch_sizes, prompt_len, new_tokens, repeats, warmup,
                        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
                        prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                        warmup=warmup, device=device, overhead=overhead,
-                       onnxruntime=onnxruntime, int8=int8,
+                       onnxruntime=onnxruntime, int8=int8, int4=int4,
                        threads=parse_int_list(threads, "--threads") if threads else None,
                        progress=not json_out)  # --json: stderr stays quiet too
     text = json.dumps(result, indent=2)

@@ -173,10 +173,11 @@ def compare_paths(session, prompt: str, gen: dict, stats: bool = False) -> dict:
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="With --backend onnxruntime: run this export directory (cscompile export "
                    "BUNDLE -o DIR) instead of the cached export; it must be from this bundle.")
-@click.option("--weights", type=click.Choice(["int8"]), default=None,
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default=None,
               help="The per-token path's CPU kernels read int8 copies of the weights (one "
-                   "scale per output): about half the bytes of bf16, slightly different "
-                   "numbers (default: the bundle's storage dtype).")
+                   "scale per output: about half the bytes of bf16) or int4 blocks of 32 with "
+                   "an fp16 scale and minimum (0.31 of bf16's bytes); different numbers "
+                   "(default: the bundle's storage dtype).")
 @friendly_errors
 @hide_third_party_warnings  # consumes --verbose
 def run(target, prompt, input_path, output_path, batch_size, max_new_tokens, temperature,

@@ -3,7 +3,10 @@
 `CpuWeights(model, smap, plan, dtype)` keeps, for the operators the plan uses, one copy of
 each weight in the layout its kernel reads, in the bundle's storage dtype (bf16 for SmolLM2:
 the fp32 the torch model computes in is exact for those values, so nothing is lost) or in
-int8 with one scale per output (`--weights int8`: sparsity and quantization compose):
+int8 with one scale per output (`--weights int8`: sparsity and quantization compose), or in
+int4 (`--weights int4`): W's own blocks of 32 inputs with an fp16 scale and minimum
+(runtime.pack.Q4 rows, Q4Cols input-major copies: a Q4_1 GGUF's numbers come back exactly)
+and the lm_head in int8:
 
 * q/k/v (input-sparse): one input-major matrix [hidden, q+k+v] per layer, so one pass over
   the kept inputs' rows computes all three projections (`gather_gemv`);
@@ -21,9 +24,23 @@ Operators without a kernel here (cats, oracle, fixed — benchmarks only) run th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import cpu_kernels as K
+from .pack import Q4Cols, quantize_q4, quantize_q4_cols
+
+
+class Q4Input(NamedTuple):
+    """An input-major int4 copy and the row map its gathers pass (None: the identity)."""
+
+    cols: Q4Cols
+    rowmap: torch.Tensor | None
+
+    @property
+    def shape(self):
+        return self.cols.shape
 
 
 def _masked(x, keep, idx):
@@ -57,12 +74,24 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
     return (q.float() * s[:, None]).to(w.dtype)
 
 
+def _gather(wt, x, idx, scale=None):
+    """K.gather_gemv, or its int4 form with the copy's row map."""
+    if isinstance(wt, Q4Input):
+        return K.gather_q4(wt.cols, x, idx, rowmap=wt.rowmap)
+    return K.gather_gemv(wt, x, idx, scale=scale)
+
+
 class CpuWeights:
     """The kernels' weight copies (see the module docstring). dtype torch.int8 stores every
     matrix as int8 with one fp32 scale per output (quantize_rows: the same numbers whatever
-    layout a matrix is copied into), which halves the bytes of bf16 again."""
+    layout a matrix is copied into), which halves the bytes of bf16 again; dtype "int4" stores
+    the layers' matrices in W's own blocks of 32 inputs whatever the layout (0.625 bytes a
+    weight) and the lm_head in int8."""
 
-    def __init__(self, model, smap, plan: dict, dtype: torch.dtype):
+    def __init__(self, model, smap, plan: dict, dtype: torch.dtype | str,
+                 ffn_perms: dict[int, torch.Tensor] | None = None):
+        # ffn_perms[li][i]: the source channel of FFN channel i (the build permutes them): int4
+        # keeps the down projection's source blocks through a row map
         self.dtype = dtype
         self.qkv_t, self.qkv_split, self.qkv_bias, self.o_t, self.o_bias = {}, {}, {}, {}, {}
         self.ffn: dict[int, dict] = {}
@@ -83,20 +112,32 @@ class CpuWeights:
             op = cfg["ffn"]["op"]
             if op in ("sketch", "teal", "wina", "dense") and f.gated and _no_bias(model, f):
                 g, u, d = (model.get_submodule(p).weight.detach() for p in (f.gate, f.up, f.down))
+                perm = (ffn_perms or {}).get(li)
+                d_t = self._copy(d, "t", perm)
                 if op in ("sketch", "dense"):
                     self.ffn[li] = {"op": op, "g": self._copy(g, "rows"),
-                                    "u": self._copy(u, "rows"), "d_t": self._copy(d, "t")}
+                                    "u": self._copy(u, "rows"), "d_t": d_t}
                 else:
                     self.ffn[li] = {"op": op, "g_t": self._copy(g, "t"), "u_t": self._copy(u, "t"),
-                                    "d_t": self._copy(d, "t")}
+                                    "d_t": d_t}
         from .pertoken import output_head
 
-        self.head = self._copy(output_head(model).weight.detach(), "rows")
+        head = output_head(model).weight.detach()  # int4 models keep it at 8 bits, as GGUFs do
+        self.head = quantize_rows(head) if dtype == "int4" else self._copy(head, "rows")
 
-    def _copy(self, w: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _copy(self, w: torch.Tensor, layout: str, perm: torch.Tensor | None = None):
         """(copy of W [N, K] in the kernel's layout, per-output scale or None): "rows" keeps
-        W row-major, "t" stores W^T [K, N] (input-major)."""
+        W row-major, "t" stores W^T [K, N] (input-major). int4 keeps W's blocks of 32 inputs
+        in both (Q4 rows, Q4Cols); with perm (W's input i is source input perm[i]) the
+        input-major copy holds the source order and the kernel maps inputs through perm."""
         scale = None
+        if self.dtype == "int4":
+            if layout == "rows":
+                return quantize_q4(w), None
+            if perm is None:
+                return Q4Input(quantize_q4_cols(w), None), None
+            perm = perm.to(torch.int32).contiguous()
+            return Q4Input(quantize_q4_cols(w[:, perm.argsort()]), perm), None
         if self.dtype == torch.int8:
             w, scale = quantize_rows(w)
         else:
@@ -109,7 +150,7 @@ class CpuWeights:
         """[q, k, v] for rows x [B, H] keeping inputs `keep` [B, H] (or, for one row, the
         sorted int32 indices `idx`: the kernel gathers x[:, idx] itself)."""
         wt, s = self.qkv_t[li]
-        y = K.gather_gemv(wt, *_masked(x, keep, idx), scale=s)
+        y = _gather(wt, *_masked(x, keep, idx), scale=s)
         if li in self.qkv_bias:
             y = y + self.qkv_bias[li]
         return list(y.split(self.qkv_split[li], dim=-1))
@@ -117,17 +158,17 @@ class CpuWeights:
     def o(self, li: int, x: torch.Tensor, keep: torch.Tensor | None = None,
           idx: torch.Tensor | None = None) -> torch.Tensor:
         wt, s = self.o_t[li]
-        y = K.gather_gemv(wt, *_masked(x, keep, idx), scale=s)
+        y = _gather(wt, *_masked(x, keep, idx), scale=s)
         return y if self.o_bias[li] is None else y + self.o_bias[li]
 
     def ffn_fused(self, li: int, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """SiLU FFN over kept channels idx (None: all): one pass over the three rows of each
-        (ffn_sparse) for float weights; int8 has no fused kernel: rows, SiLU, gather."""
+        (ffn_sparse) for float weights; int8 / int4 have no fused kernel: rows, SiLU, gather."""
         (g, sg), (u, su), (d, sd) = (self.ffn[li][k] for k in ("g", "u", "d_t"))
         x = x.float()
-        if sg is None:
+        if self.dtype in (torch.float32, torch.bfloat16):
             return K.ffn_sparse(g, u, d, x, idx)
-        return K.gather_gemv(d, self._inter(li, x, idx, torch.nn.functional.silu), idx, sd)
+        return _gather(d, self._inter(li, x, idx, torch.nn.functional.silu), idx, sd)
 
     def _inter(self, li: int, x: torch.Tensor, idx: torch.Tensor | None, act) -> torch.Tensor:
         """act(gate(x)) * up(x) on channels idx (None: all) from the row-major copies, as a
@@ -160,13 +201,13 @@ class CpuWeights:
 
             keep = topk_mask(h.abs().masked_fill(~cand, -1.0), k)
             h = h * keep
-        return K.gather_gemv(d, h, _union(keep), sd), keep
+        return _gather(d, h, _union(keep), sd), keep
 
     def gate_up(self, li: int, x: torch.Tensor, idx: torch.Tensor | None):
         """teal/wina op: (gate(x), up(x)) from the kept inputs idx (None: all) of rows x."""
         w = self.ffn[li]
         (g, sg), (u, su) = w["g_t"], w["u_t"]
-        return K.gather_gemv(g, x, idx, sg), K.gather_gemv(u, x, idx, su)
+        return _gather(g, x, idx, sg), _gather(u, x, idx, su)
 
     def ffn_inputs(self, li: int, x: torch.Tensor, x_keep: torch.Tensor | None, act):
         """teal/wina op, first half: h = act(gate(x_kept)) * up(x_kept) over every channel
@@ -177,7 +218,7 @@ class CpuWeights:
     def down(self, li: int, h: torch.Tensor, keep: torch.Tensor | None = None,
              idx: torch.Tensor | None = None) -> torch.Tensor:
         d, sd = self.ffn[li]["d_t"]
-        return K.gather_gemv(d, *_masked(h, keep, idx), scale=sd)
+        return _gather(d, *_masked(h, keep, idx), scale=sd)
 
     def head_rows(self, h: torch.Tensor, cand: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
         """est with each row's candidates replaced by their exact logits."""

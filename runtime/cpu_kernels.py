@@ -52,7 +52,11 @@ Operators (x is float32 [B, K], B = 1..16 typical; all accumulate in fp32, retur
 
 Weights are float32, bfloat16 or int8; int8 needs ``scale`` (float32, one per output: [N] for
 dense / gather, [N] of the full matrix for rows_gemv, indexed by idx), which float weights may
-also take. ``idx`` is a 1-D int32 (or int64) tensor of kept indices (sorted unique in practice;
+also take. dense / rows also take a ``runtime.pack.Q4`` (int4 blocks with their own
+fp16 scales and minima, no ``scale``) row-major [N, K] for dense / rows, which multiply it by x
+rounded to int8 per block of 32 (integer dot products); gather takes the input-major copy
+``runtime.pack.Q4Cols`` of the same numbers (``gather_q4``, which can also map inputs to
+permuted rows); ``q4_gemv_reference`` is their definition. ``idx`` is a 1-D int32 (or int64) tensor of kept indices (sorted unique in practice;
 duplicates count twice, as in the reference), or None for all of them; an empty idx gives zeros
 (gather / ffn) or a [B, 0] result (rows). Threads: ``torch.get_num_threads()`` (matrices under
 64 KiB run on one). Every ``*_reference`` is the plain-torch definition the tests check against.
@@ -69,13 +73,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .pack import sketch_gemv_reference, values_per_word
+from .pack import Q4, Q4_BLOCK, Q4_GROUP, Q4Cols, sketch_gemv_reference, values_per_word
 
 __all__ = [
     "available", "load_extension", "disabled",
-    "dense_gemv", "rows_gemv", "gather_gemv", "ffn_sparse", "sketch_gemv", "read_bandwidth",
+    "dense_gemv", "rows_gemv", "gather_gemv", "gather_q4", "ffn_sparse", "sketch_gemv", "read_bandwidth",
     "select_topk", "rotate", "sketch_select", "sketch_planes", "sketch_q8", "planes_fit",
-    "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference",
+    "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference", "q4_gemv_reference",
     "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
     "select_topk_reference", "rotate_reference", "sketch_select_reference",
     "quantize_x_reference", "sketch_q8_reference", "planes_codes",
@@ -86,7 +90,7 @@ __all__ = [
 ENV = "CSCOMPILE_CPU_KERNELS"  # "0" forces the torch fallback
 _ENV_KEY = ENV.encode()
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]
 FLAGS_PORTABLE = ["-O3", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]  # if -march=native fails
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -433,6 +437,8 @@ def _threads() -> int:
 
 def dense_gemv(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] @ w [N, K].T (* scale [N]) -> float32 [B, N]; w float32 / bfloat16 / int8+scale."""
+    if isinstance(w, (Q4, Q4Cols)):
+        return _q4_call("rows", w, x, None, scale)
     lib = _lib()
     try:
         code = _DTYPES.get(w.dtype)
@@ -458,6 +464,8 @@ def dense_gemv(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = No
 def rows_gemv(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
               scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] @ w[idx].T (* scale[idx]) -> float32 [B, m]; w [N, K] row-major, idx int32 [m]."""
+    if isinstance(w, (Q4, Q4Cols)):
+        return _q4_call("rows", w, x, idx, scale)
     lib = _lib()
     try:
         code = _DTYPES.get(w.dtype)
@@ -487,6 +495,8 @@ def rows_gemv(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
 def gather_gemv(wt: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """x[:, idx] @ wt[idx] (* scale [N]) -> float32 [B, N]; wt [K, N] input-major, idx int32 [m]."""
+    if isinstance(wt, (Q4, Q4Cols)):
+        return gather_q4(wt, x, idx, scale=scale)
     lib = _lib()
     try:
         code = _DTYPES.get(wt.dtype)
@@ -510,6 +520,96 @@ def gather_gemv(wt: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
                         m, None if scale is None else scale.data_ptr(), y.data_ptr(), _threads())
     if rc:
         raise _bad_idx(rc, idx, k, "inputs")
+    return y
+
+
+def q4_gemv_reference(kind: str, w, x: torch.Tensor, idx, rowmap=None) -> torch.Tensor:
+    """What the int4 kernels compute: rows ("rows", w Q4 [N, K]) take x quantized to int8
+    per block of 32 as llama.cpp's Q8_1 (integer dot products on the codes); gather
+    ("gather", wt Q4Cols [K, N]) sums x times each kept input's dequantized row, the row of
+    input k being rowmap[k] when given."""
+    if kind == "rows":
+        return rows_gemv_reference(w.dequantize(), quantize_x_reference(x, Q4_GROUP), idx)
+    wt = w.dequantize()
+    if rowmap is not None:
+        wt = wt[rowmap.long()]
+    return gather_gemv_reference(wt, x, idx)
+
+
+def gather_q4(wt: Q4Cols, x: torch.Tensor, idx: torch.Tensor | None, rowmap=None,
+              scale=None) -> torch.Tensor:
+    """x[:, idx] @ W^T[rowmap[idx]] -> float32 [B, N] on an input-major int4 copy (Q4Cols);
+    rowmap (int32 [K], a permutation: only its range is checked) stores input k at row
+    rowmap[k], so a model whose inputs were permuted after quantization keeps its blocks."""
+    if not isinstance(wt, Q4Cols):
+        raise ValueError("an int4 gather takes the input-major copy (runtime.pack.Q4Cols, "
+                         "quantize_q4_cols), not row blocks")
+    if scale is not None:
+        raise ValueError("int4 weights carry their own scales: pass scale=None")
+    k, n = wt.shape
+    nbn = -(-n // Q4_GROUP)
+    for t, name in ((wt.codes, "codes"), (wt.scales, "scales")):
+        _check_cpu(t, f"wt.{name}")
+        if not t.is_contiguous():
+            raise ValueError(f"int4 wt.{name} must be contiguous")
+    if wt.codes.dtype != torch.uint8 or tuple(wt.codes.shape) != (k, nbn * 16) or \
+            wt.scales.dtype != torch.float16 or \
+            tuple(wt.scales.shape) != (-(-k // Q4_GROUP), 2, nbn * Q4_GROUP):
+        raise ValueError(f"int4 columns must be codes uint8 [{k}, {nbn * 16}] and scales fp16 "
+                         f"[{-(-k // Q4_GROUP)}, 2, {nbn * Q4_GROUP}]")
+    x = _check_x(x, k)
+    idx = _check_idx(idx, k, "inputs")
+    if rowmap is not None:
+        _check_cpu(rowmap, "rowmap")
+        if rowmap.dtype != torch.int32 or rowmap.shape != (k,) or not rowmap.is_contiguous():
+            raise ValueError(f"rowmap must be a contiguous int32 [{k}] (each input's row)")
+    lib = _lib()
+    if lib is None:
+        if rowmap is not None and k and (int(rowmap.min()) < 0 or int(rowmap.max()) >= k):
+            raise ValueError(f"rowmap holds rows outside [0, {k})")
+        return q4_gemv_reference("gather", wt, x, _ref_idx(idx, k, "inputs"), rowmap)
+    b = x.shape[0]
+    m = k if idx is None else idx.shape[0]
+    y = torch.empty(b, n)
+    rc = lib.csc_gather_q4(wt.codes.data_ptr(), wt.scales.data_ptr(), k, n, x.data_ptr(), b,
+                           None if idx is None else idx.data_ptr(), m,
+                           None if rowmap is None else rowmap.data_ptr(), y.data_ptr(), _threads())
+    if rc == -2:
+        raise ValueError(f"rowmap holds rows outside [0, {k})")
+    if rc:
+        raise _bad_idx(rc, idx, k, "inputs")
+    return y
+
+
+def _q4_call(kind: str, w: Q4, x: torch.Tensor, idx, scale) -> torch.Tensor:
+    """rows on int4 blocks: validated, then the kernel (dtype 3) or q4_gemv_reference."""
+    if not isinstance(w, Q4):
+        raise ValueError("int4 rows take row blocks (runtime.pack.Q4), not the input-major copy")
+    if scale is not None:
+        raise ValueError("int4 weights carry their own scales: pass scale=None")
+    blocks = w.blocks
+    _check_cpu(blocks, "w.blocks")
+    r, c = w.shape
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous() or \
+            blocks.shape[1] != -(-c // Q4_GROUP) * Q4_BLOCK:
+        raise ValueError(f"int4 blocks must be contiguous uint8 [{r}, {-(-c // Q4_GROUP) * Q4_BLOCK}]"
+                         f" for {c} columns, got {blocks.dtype} {tuple(blocks.shape)}")
+    rows = kind == "rows"
+    k_in, limit = (c, r) if rows else (r, r)
+    x = _check_x(x, k_in)
+    what = "rows" if rows else "inputs"
+    idx = _check_idx(idx, limit, what)
+    lib = _lib()
+    if lib is None:
+        return q4_gemv_reference(kind, w, x, _ref_idx(idx, limit, what))
+    b = x.shape[0]
+    m = limit if idx is None else idx.shape[0]
+    y = torch.empty(b, m if rows else c)
+    fn = lib.csc_rows if rows else lib.csc_gather
+    rc = fn(3, blocks.data_ptr(), r, c, x.data_ptr(), b, None if idx is None else idx.data_ptr(),
+            m, None, y.data_ptr(), _threads())
+    if rc:
+        raise _bad_idx(rc, idx, limit, what)
     return y
 
 

@@ -135,6 +135,12 @@ class Shapes:
     # bytes per matrix element as the kernels store it (int8: 1 + its per-output fp32 scale,
     # at most 4 / hidden per element); 0: elsize
     matrix_elsize: float = 0.0
+    # an input-major (gather) copy's bytes per kept element, and per element of the whole
+    # matrix whatever it keeps (int4 columns: 0.5 for the codes, 0.125 for the group scales a
+    # gather reads once per group, charged as if it touched every group); 0, 0: matrix_elsize
+    gather_elsize: float = 0.0
+    gather_fixed: float = 0.0
+    head_elsize: float = 0.0  # the lm_head's bytes per element; 0: matrix_elsize
 
     @property
     def n_layers(self) -> int:
@@ -143,6 +149,17 @@ class Shapes:
     def int8(self) -> "Shapes":
         """The same model with its matrices stored as int8 + one fp32 scale per output."""
         return dataclasses.replace(self, matrix_elsize=1 + 4 / self.hidden)
+
+    def int4(self) -> "Shapes":
+        """The same model with its layer matrices in int4 blocks (runtime.pack.Q4 rows: 20
+        bytes per 32 weights; Q4Cols gathers: 16 bytes of codes per 32 kept weights, 4 bytes of
+        scale and minimum per 32 weights of the matrix) and its lm_head in int8 (a GGUF keeps
+        it at 8 bits or more too). Padding to whole blocks is not counted."""
+        from .pack import Q4_BLOCK, Q4_GROUP
+
+        return dataclasses.replace(self, matrix_elsize=Q4_BLOCK / Q4_GROUP,
+                                   gather_elsize=16 / Q4_GROUP, gather_fixed=4 / Q4_GROUP,
+                                   head_elsize=1 + 4 / self.hidden)
 
     @classmethod
     def of(cls, model: nn.Module, smap: StructureMap, elsize: int | None = None) -> "Shapes":
@@ -186,31 +203,36 @@ def output_head(model) -> nn.Module:
     return head
 
 
-def input_bytes(cfg: dict, n_in: int, n_out: int, el: int) -> float:
-    """Bytes an input-sparse matrix [n_out, n_in] reads per token under cfg."""
+def input_bytes(cfg: dict, n_in: int, n_out: int, el: float, fixed: float = 0.0) -> float:
+    """Bytes an input-sparse matrix [n_out, n_in] reads per token under cfg (el per kept
+    element, fixed per element of the whole matrix: Shapes.gather_*)."""
     if cfg["op"] == "dense":
-        return n_in * n_out * el
+        return n_in * n_out * (el + fixed)
     extra = n_in * 4 if cfg["op"] == "wina" else 0  # fp32 column norms
-    return count(cfg.get("keep", 1.0), n_in) * n_out * el + extra
+    return count(cfg.get("keep", 1.0), n_in) * n_out * el + n_in * n_out * fixed + extra
 
 
-def ffn_bytes(cfg: dict, hidden: int, width: int, gated: bool, el: int, bits: int,
-              group: int) -> float:
+def ffn_bytes(cfg: dict, hidden: int, width: int, gated: bool, el: float, bits: int,
+              group: int, gel: float | None = None, gfix: float = 0.0) -> float:
+    """Bytes an FFN reads per token under cfg: gate / up rows at el per element, the
+    input-major copies (down; all three for teal / wina) at gel per kept element + gfix per
+    element (Shapes.gather_*; gel None: el)."""
+    gel = el if gel is None else gel
     n_in_mats = 2 if gated else 1  # gate + up, or up alone
     row = hidden * el
-    dense = (n_in_mats + 1) * width * row
+    down = lambda kept: kept * hidden * gel + width * hidden * gfix  # noqa: E731
     op = cfg["op"]
     if op == "dense":
-        return dense
+        return n_in_mats * width * row + down(width)
     k = count(cfg.get("keep", 1.0), width)
     if op == "sketch":
         cand = min(width, int(round(cfg.get("cand", 1.0) * k)))
         return n_in_mats * packed_bytes(width, hidden, bits, group) + cand * n_in_mats * row \
-            + k * row
+            + down(k)
     if op in ("teal", "wina"):
         xk = count(cfg.get("x_keep", 1.0), hidden)
         norms = (hidden + width) * 4 if op == "wina" else 0
-        return n_in_mats * xk * width * el + k * row + norms
+        return n_in_mats * (xk * width * gel + hidden * width * gfix) + down(k) + norms
     if op == "cats":  # the gate (or up) in full, the rest on kept channels
         return width * row + k * n_in_mats * row
     return k * (n_in_mats + 1) * row  # oracle, fixed
@@ -227,19 +249,21 @@ def plan_bytes(plan: dict, shapes: Shapes) -> dict:
     """Weight bytes one token reads under `plan`, per part, and as a fraction of dense."""
     bits, group = plan["sketch"]["bits"], plan["sketch"]["group"]
     el = shapes.matrix_elsize or shapes.elsize
+    gel, gfix = (shapes.gather_elsize or el), shapes.gather_fixed
     h = shapes.hidden
     parts = {"qkv": 0.0, "o": 0.0, "ffn": 0.0}
     dense = {"qkv": 0.0, "o": 0.0, "ffn": 0.0}
     for li, layer in enumerate(plan["layers"]):
-        parts["qkv"] += input_bytes(layer["qkv"], h, shapes.qkv_out[li], el)
-        dense["qkv"] += input_bytes(DENSE, h, shapes.qkv_out[li], el)
-        parts["o"] += input_bytes(layer["o"], shapes.o_in[li], h, el)
-        dense["o"] += input_bytes(DENSE, shapes.o_in[li], h, el)
+        parts["qkv"] += input_bytes(layer["qkv"], h, shapes.qkv_out[li], gel, gfix)
+        dense["qkv"] += input_bytes(DENSE, h, shapes.qkv_out[li], gel, gfix)
+        parts["o"] += input_bytes(layer["o"], shapes.o_in[li], h, gel, gfix)
+        dense["o"] += input_bytes(DENSE, shapes.o_in[li], h, gel, gfix)
         w, g = shapes.ffn_width[li], shapes.gated[li]
-        parts["ffn"] += ffn_bytes(layer["ffn"], h, w, g, el, bits, group)
-        dense["ffn"] += ffn_bytes(DENSE, h, w, g, el, bits, group)
-    parts["lm_head"] = head_bytes(plan["lm_head"], h, shapes.vocab, el, bits, group)
-    dense["lm_head"] = head_bytes(DENSE, h, shapes.vocab, el, bits, group)
+        parts["ffn"] += ffn_bytes(layer["ffn"], h, w, g, el, bits, group, gel, gfix)
+        dense["ffn"] += ffn_bytes(DENSE, h, w, g, el, bits, group, gel, gfix)
+    hel = shapes.head_elsize or el
+    parts["lm_head"] = head_bytes(plan["lm_head"], h, shapes.vocab, hel, bits, group)
+    dense["lm_head"] = head_bytes(DENSE, h, shapes.vocab, hel, bits, group)
     parts["other"] = dense["other"] = shapes.other_bytes
     total, dense_total = sum(parts.values()), sum(dense.values())
     return {"bytes": total, "dense_bytes": dense_total, "fraction": total / dense_total,
@@ -674,18 +698,20 @@ class PerToken:
 
     def __init__(self, model: nn.Module, smap: StructureMap, plan: dict,
                  sketches: dict[str, torch.Tensor] | None = None, elsize: int | None = None,
-                 backend: str = "torch", weights: str | None = None):
+                 backend: str = "torch", weights: str | None = None,
+                 ffn_perms: dict[int, torch.Tensor] | None = None):
         check_plan(plan, smap)
         self.model, self.smap, self.plan = model, smap, plan
         self.mode = "dense"
         self.cpu = None  # runtime.cpu_backend.CpuWeights: decode steps on the CPU kernels
+        self.ffn_perms = ffn_perms  # the build's FFN channel permutation (int4 keeps blocks)
         self.stats = _Stats()
         self.shapes = Shapes.of(model, smap, elsize)
-        if weights not in (None, "int8"):
-            raise UserInputError(f"per-token weights must be int8 or the storage dtype, "
+        if weights not in (None, "int8", "int4"):
+            raise UserInputError(f"per-token weights must be int8, int4 or the storage dtype, "
                                  f"got {weights!r}")
-        if weights == "int8" and backend != "cpu":
-            raise UserInputError("int8 weights run on the CPU backend only (--backend cpu)")
+        if weights is not None and backend != "cpu":
+            raise UserInputError(f"{weights} weights run on the CPU backend only (--backend cpu)")
         # (parent's child dict, name, original, ours): swapping is one dict store per module,
         # since attach/detach run around every decode step
         self._swaps: list[tuple[dict, str, nn.Module, nn.Module]] = []
@@ -698,7 +724,9 @@ class PerToken:
             dtype = {4: torch.float32, 2: torch.bfloat16}.get(self.shapes.elsize, torch.float32)
             if weights == "int8":
                 dtype, self.shapes = torch.int8, self.shapes.int8()
-            self.cpu = CpuWeights(model, smap, plan, dtype)
+            elif weights == "int4":
+                dtype, self.shapes = "int4", self.shapes.int4()
+            self.cpu = CpuWeights(model, smap, plan, dtype, ffn_perms)
         elif backend != "torch":
             raise UserInputError(f"per-token backend must be torch or cpu, got {backend!r}")
 
@@ -783,7 +811,7 @@ class PerToken:
         if self.cpu is not None:  # the kernels' weight layouts follow the plan's operators
             from .cpu_backend import CpuWeights
 
-            self.cpu = CpuWeights(self.model, self.smap, plan, self.cpu.dtype)
+            self.cpu = CpuWeights(self.model, self.smap, plan, self.cpu.dtype, self.ffn_perms)
 
     @property
     def head(self) -> "_SparseHead":

@@ -193,8 +193,8 @@ class Session:
 def load(path, backend: str = "auto", device=None, execution: str = "compact",
          weights: str | None = None) -> Session:
     """Open a bundle directory (or, failing that, a model) as a ready-to-generate Session.
-    weights="int8": the per-token path's CPU kernels read int8 copies of the weights (one
-    scale per output) instead of the storage dtype."""
+    weights="int8" / "int4": the per-token path's CPU kernels read int8 copies of the weights
+    (one scale per output) or int4 blocks (runtime.pack.Q4) instead of the storage dtype."""
     if execution not in ("compact", "masked"):
         raise UserInputError(f"execution must be compact or masked, got {execution!r}")
     if backend not in BACKENDS:
@@ -323,9 +323,15 @@ def _pertoken_from_bundle(bundle, model, smap, backend: str, weights: str | None
         raise BundleError(f"bundle {bundle.path}: malformed pertoken section") from None
     sketches = bundle.tensors(file) if file else {}
     elsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(bundle.manifest.get("weights_dtype"))
+    perms = None
+    if weights == "int4" and (bundle.manifest.get("channel_permutation") or {}).get("applied"):
+        classes = bundle.tensors("classes.safetensors")
+        perms = {li: classes[f"perm.layer{li}"] for li in range(len(smap.layers))
+                 if f"perm.layer{li}" in classes}
     try:
         pt = PerToken(model, smap, plan, sketches, elsize=elsize,
-                      backend="cpu" if backend == "cpu" else "torch", weights=weights)
+                      backend="cpu" if backend == "cpu" else "torch", weights=weights,
+                      ffn_perms=perms)
     except (BundleError, UserInputError):
         raise
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as e:

@@ -22,20 +22,23 @@ def bundle(stories_dir, tmp_path_factory):
     return out
 
 
-def test_int8_rows_read_about_half_the_bytes(bundle):
+def test_int8_and_int4_rows_read_their_bytes(bundle):
     from cscompile.runtime import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("the CPU kernels did not build here")
-    rows = run_bench(bundle, classes="0", int8=True, progress=False,
+    rows = run_bench(bundle, classes="0", int8=True, int4=True, progress=False,
                      **{**TINY, "batch_sizes": (1,)})["rows"]
     by = {r["path"]: r for r in rows}
-    assert {"dense int8 (cpu kernels)", "pertoken int8 (cpu kernels)"} <= set(by)
-    full, full8 = by["dense (cpu kernels)"], by["dense int8 (cpu kernels)"]
-    # stories260K is stored in fp32: int8 + its scales is a bit over a quarter of it
-    assert 0.25 < full8["weight_bytes"] / full["weight_bytes"] < 0.3
-    assert by["pertoken int8 (cpu kernels)"]["weight_bytes"] < full8["weight_bytes"]
-    assert by["pertoken int8 (cpu kernels)"]["density"] < by["pertoken (cpu kernels)"]["density"]
+    full = by["dense (cpu kernels)"]
+    # stories260K is stored in fp32: int8 + its scales is a bit over a quarter of it, int4
+    # blocks (20 bytes per 32 weights) 0.156 of its matrices, plus what stays fp32
+    for quant, lo, hi in (("int8", 0.25, 0.3), ("int4", 0.156, 0.2)):
+        dense_q, pertoken_q = by[f"dense {quant} (cpu kernels)"], by[f"pertoken {quant} (cpu kernels)"]
+        assert lo < dense_q["weight_bytes"] / full["weight_bytes"] < hi, quant
+        assert pertoken_q["weight_bytes"] < dense_q["weight_bytes"]
+        assert pertoken_q["density"] < by["pertoken (cpu kernels)"]["density"]
+    assert by["dense int4 (cpu kernels)"]["weight_bytes"] < by["dense int8 (cpu kernels)"]["weight_bytes"]
 
 
 def test_rows_for_dense_and_each_class(bundle):

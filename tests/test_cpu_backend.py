@@ -91,14 +91,52 @@ def test_int8_weights_compute_the_dequantized_model(stories, name, batch):
                                                            / bf16.shapes.elsize)
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int4_weights_compute_their_reference(stories, name, batch, monkeypatch):
+    """weights="int4": the decode on the kernels equals the same decode on their definition
+    (cpu_kernels.q4_gemv_reference, kernels off), stays near the fp32 model's, and is charged
+    20 bytes per 32 weights of the layers' matrices."""
+    from cscompile.runtime.pertoken import dense_plan, plan_bytes
+
+    loaded, smap = stories
+    sk = sketch(loaded.model, smap, bits=3, seed=0)
+    plan = uniform_plan(smap, **PLANS[name])
+    ids = torch.randint(0, 512, (batch, 16), generator=torch.Generator().manual_seed(batch))
+    mode = "full" if batch > 1 else "pertoken"
+    got, _ = _decode(loaded.model, smap, plan, sk, "cpu", ids, 10, weights="int4", mode=mode)
+    fp32, _ = _decode(loaded.model, smap, plan, sk, "torch", ids, 10, mode=mode)
+    monkeypatch.setenv("CSCOMPILE_CPU_KERNELS", "0")
+    ref, _ = _decode(loaded.model, smap, plan, sk, "cpu", ids, 10, weights="int4", mode=mode)
+    # equal up to summation order, which can flip a near-tie of a top-k selection: a few
+    # 1e-3 of the logits' norm at most, where a wrong layout or scale is ~1
+    assert float((got - ref).norm() / ref.norm()) < 2e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    rel = float((got - fp32).norm() / fp32.norm())
+    assert rel < 0.15, rel  # 4-bit noise, not a wrong layout (that is ~1)
+    pt4 = PerToken(loaded.model, smap, plan, sk, backend="cpu", weights="int4")
+    pt4.detach()
+    ptf = PerToken(loaded.model, smap, plan, sk, backend="cpu")
+    ptf.detach()
+    dense4, dense = (plan_bytes(dense_plan(smap), p.shapes)["parts"] for p in (pt4, ptf))
+    for part in ("qkv", "o", "ffn"):
+        assert dense4[part] / dense[part] == pytest.approx(20 / 32 / ptf.shapes.elsize)
+    # the lm_head stays at 8 bits (+ one fp32 scale per row)
+    assert dense4["lm_head"] / dense["lm_head"] == pytest.approx(
+        (1 + 4 / smap.hidden_size) / ptf.shapes.elsize)
+
+
 def test_int8_weights_need_the_cpu_backend(stories):
     from cscompile.errors import UserInputError
 
     loaded, smap = stories
     with pytest.raises(UserInputError, match="CPU backend"):
         PerToken(loaded.model, smap, uniform_plan(smap), {}, weights="int8")
-    with pytest.raises(UserInputError, match="int8"):
-        PerToken(loaded.model, smap, uniform_plan(smap), {}, backend="cpu", weights="int4")
+    with pytest.raises(UserInputError, match="int8, int4"):
+        PerToken(loaded.model, smap, uniform_plan(smap), {}, backend="cpu", weights="int2")
+    with pytest.raises(UserInputError, match="CPU backend"):
+        PerToken(loaded.model, smap, uniform_plan(smap), {}, weights="int4")
 
 
 def test_fallback_when_kernels_are_off(stories, monkeypatch):

@@ -1,6 +1,6 @@
 """The CPU sparse GEMV kernels (runtime/cpu_kernels.py) against their torch references.
 
-Each op in fp32 and bf16 (int8 with per-output scales, sketch codes at 1..4 bits), odd sizes,
+Each op in fp32 and bf16 (int8 with per-output scales, int4 blocks, sketch codes at 1..4 bits), odd sizes,
 batch 1 / 3 / 16, empty idx, idx = all and idx = None, on 1 and 2 threads (the "big" shapes are
 above the 64 KiB under which a call runs on one thread, so the 2-thread split is exercised), and
 the torch fallback forced by CSCOMPILE_CPU_KERNELS=0. Outputs the wrappers allocate are
@@ -136,6 +136,76 @@ def test_int8_dense_rows_gather(shape, nt, batch):
     assert rel_err(rows, C.rows_gemv_reference(q, x, idx, s)) < TOL
     for idk, got in zip(idks, gathers):
         assert rel_err(got, C.gather_gemv_reference(qt, x, idk, st)) < TOL
+
+
+Q4_SHAPES = SHAPES + [(1031, 300)]  # 1031 x 300 in int4 is over 64 KiB: 2 threads split it
+
+
+@pytest.mark.parametrize("shape,nt", with_threads(Q4_SHAPES, [(1031, 300)]))
+@pytest.mark.parametrize("batch", BATCHES + [2, 5])
+def test_int4_dense_rows_gather(shape, nt, batch):
+    """W's own int4 blocks (partial last blocks included): rows on x rounded to int8 per block,
+    the input-major gather (also through a row map) on x itself, each equal to
+    q4_gemv_reference; both layouts hold the same numbers, close to the float weights."""
+    g = gen(4)
+    n, k = shape
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(batch, k, generator=g)
+    q, qc = pack.quantize_q4(w), pack.quantize_q4_cols(w)
+    assert torch.equal(qc.dequantize(), q.dequantize().T)
+    perm = torch.randperm(k, generator=g).to(torch.int32)
+    qp = pack.quantize_q4_cols(w[:, perm.argsort()])  # inputs permuted after quantization
+    idx, idks = kept(n, 0.5, g), (kept(k, 0.5, g), None, torch.zeros(0, dtype=torch.int32))
+    with threads(nt):
+        dense = C.dense_gemv(q, x)
+        rows = C.rows_gemv(q, x, idx)
+        gathers = [C.gather_gemv(qc, x, idk) for idk in idks]
+        mapped = C.gather_q4(qp, x[:, perm.argsort()], idks[0], rowmap=perm)
+    assert rel_err(dense, C.q4_gemv_reference("rows", q, x, None)) < TOL
+    assert rel_err(rows, C.q4_gemv_reference("rows", q, x, idx)) < TOL
+    for idk, got in zip(idks, gathers):
+        ref = C.q4_gemv_reference("gather", qc, x, idk)
+        assert (got == 0).all() if idk is not None and not idk.numel() else rel_err(got, ref) < TOL
+    assert rel_err(mapped, C.q4_gemv_reference("gather", qp, x[:, perm.argsort()], idks[0], perm)) < TOL
+    if k >= 32:
+        assert rel_err(dense, x @ w.T) < 0.15  # and 4 bits stay near the weights
+
+
+def test_int4_blocks_round_trip_and_bound_the_error():
+    g = gen(5)
+    w = torch.randn(9, 70, generator=g) * torch.logspace(-3, 1, 70)  # blocks of mixed scales
+    q = pack.quantize_q4(w)
+    assert q.blocks.dtype == torch.uint8 and q.blocks.shape == (9, 3 * 20) and q.shape == (9, 70)
+    dq = q.dequantize()
+    assert torch.equal(pack.quantize_q4(dq).dequantize(), dq)  # its own values are exact
+    blocks = torch.nn.functional.pad(w, (0, 26)).reshape(9, 3, 32)  # tail padded with zeros
+    step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+    half_step = (step / 2).expand(-1, -1, 32).reshape(9, 96)[:, :70]
+    assert ((w - dq).abs() <= half_step * 1.01 + w.abs() * 2e-3).all()  # + fp16 scale / min
+    assert torch.equal(pack.quantize_q4(torch.zeros(2, 40)).dequantize(), torch.zeros(2, 40))
+
+
+def test_int4_arguments_are_checked():
+    w = torch.randn(8, 40)
+    q, qc = pack.quantize_q4(w), pack.quantize_q4_cols(w)
+    with pytest.raises(ValueError, match="own scales"):
+        C.rows_gemv(q, torch.randn(1, 40), None, torch.ones(8))
+    with pytest.raises(ValueError, match="inputs"):
+        C.rows_gemv(q, torch.randn(1, 41), None)
+    with pytest.raises(ValueError, match="outside"):
+        C.rows_gemv(q, torch.randn(1, 40), torch.tensor([8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int4 blocks"):
+        C.rows_gemv(pack.Q4(q.blocks[:, :-1].contiguous(), 40), torch.randn(1, 40), None)
+    with pytest.raises(ValueError, match="input-major"):
+        C.gather_gemv(q, torch.randn(1, 40), None)
+    with pytest.raises(ValueError, match="row blocks"):
+        C.rows_gemv(qc, torch.randn(1, 40), None)
+    with pytest.raises(ValueError, match="rowmap must be"):
+        C.gather_q4(qc, torch.randn(1, 40), None, rowmap=torch.zeros(40, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rowmap holds rows outside"):
+        C.gather_q4(qc, torch.randn(1, 40), None, rowmap=torch.full((40,), 40, dtype=torch.int32))
+    with pytest.raises(ValueError, match="outside"):
+        C.gather_gemv(qc, torch.randn(1, 40), torch.tensor([40], dtype=torch.int32))
 
 
 def test_float_weights_take_a_scale_too():
@@ -417,6 +487,7 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
     codes128, scales128 = pack.quantize_codes(w.float()[:, :128], 3, 32)
     planes = C.sketch_planes(pack.pack_codes(codes128, 3), 3, 128)
     qa, ka, va = torch.randn(4, 16, generator=g), *torch.randn(2, 2, 5, 16, generator=g)
+    q4, q4c = pack.quantize_q4(w.float()), pack.quantize_q4_cols(w.float())
 
     def run():
         return [C.dense_gemv(w, x), C.rows_gemv(w, x, idx), C.gather_gemv(wt, x, idk),
@@ -425,7 +496,8 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
                 C.rotate(x[0, :128], perm, torch.ones(128), 32),
                 C.sketch_q8(planes, scales128, x[0, :128], 3, 32, 128),
                 C.rms_norm(x, x[0], 1e-5), C.rope(x.clone(), x[0, :130], x[1, :130]),
-                C.attention_row(qa, ka, va, 0.25)]
+                C.attention_row(qa, ka, va, 0.25), C.rows_gemv(q4, x, idx),
+                C.gather_gemv(q4c, x, idk)]
 
     compiled = run()
     monkeypatch.setenv(C.ENV, "0")
@@ -437,7 +509,8 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
             C.select_topk_reference(x[0], 50)[0], C.rotate_reference(x[0, :128], perm, torch.ones(128), 32),
             C.sketch_q8_reference(planes, scales128, x[0, :128], 3, 32, 128),
             C.rms_norm_reference(x, x[0], 1e-5), C.rope_reference(x, x[0, :130], x[1, :130]),
-            C.attention_row_reference(qa, ka, va, 0.25)]
+            C.attention_row_reference(qa, ka, va, 0.25), C.q4_gemv_reference("rows", q4, x, idx),
+            C.q4_gemv_reference("gather", q4c, x, idk)]
     for a, b, r in zip(compiled, fallback, refs):
         assert torch.equal(b, r)  # the fallback IS the reference
         if a.is_floating_point():

@@ -153,21 +153,32 @@ def test_cli_stats_line_reports_missed_energy(bundle):
     assert res.exit_code == 2
 
 
-def test_cli_int8_weights(bundle, stories_dir):
-    """run --weights int8: the per-token path on int8 kernel copies, charged their bytes."""
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_cli_quantized_weights(bundle, stories_dir, quant):
+    """run --weights int8 / int4: the per-token path on quantized kernel copies, charged
+    their bytes; int4's input-major down copies keep the source blocks through the build's
+    FFN channel permutation."""
     from cscompile.runtime import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("the CPU kernels did not build here")
     res = CliRunner().invoke(run, [str(bundle), "--prompt", PROMPTS[0], "--max-new-tokens", "6",
-                                   "--weights", "int8", "--stats"])
+                                   "--weights", quant, "--stats"])
     assert res.exit_code == 0, res.output
-    r8 = load(bundle, weights="int8").generate(PROMPTS[0], max_new_tokens=6)
-    assert r8.text in res.stdout and "per-token path" in res.stderr
+    session = load(bundle, weights=quant)
+    rq = session.generate(PROMPTS[0], max_new_tokens=6)
+    assert rq.text in res.stdout and "per-token path" in res.stderr
     r = load(bundle).generate(PROMPTS[0], max_new_tokens=6)
     # stories260K is stored in fp32; sketches and norms keep their own size
-    assert max(r8.bytes_per_token) < 0.4 * min(r.bytes_per_token)
+    assert max(rq.bytes_per_token) < 0.4 * min(r.bytes_per_token)
+    if quant == "int4":
+        from safetensors.torch import load_file
+
+        classes = load_file(str(bundle / "classes.safetensors"))
+        cpu = session.pertoken.cpu
+        for li, ffn in cpu.ffn.items():
+            assert torch.equal(ffn["d_t"][0].rowmap, classes[f"perm.layer{li}"].to(torch.int32))
     for target, extra in ((stories_dir, []), (bundle, ["--backend", "torch"])):
-        res = CliRunner().invoke(run, [str(target), "--prompt", "x", "--weights", "int8", *extra])
-        assert res.exit_code == 2 and res.stderr.startswith("error: ") and "int8" in res.stderr
+        res = CliRunner().invoke(run, [str(target), "--prompt", "x", "--weights", quant, *extra])
+        assert res.exit_code == 2 and res.stderr.startswith("error: ") and quant in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1

@@ -18,8 +18,9 @@
 //   select / rotate / sketch_select            the batch-1 decode step's selection (top-k and
 //                                              its missed share, the sketches' rotation)
 //   rmsnorm / rope / attention                 the rest of a batch-1 decode step (decode_step.py)
-// Weights are fp32, bf16 (raw uint16 bits; bf16 -> fp32 is a 16-bit shift) or int8 (scale per
-// output). x is fp32 [B, K] contiguous, B small (1..16). Threads: at::get_num_threads(); dense /
+// Weights are fp32, bf16 (raw uint16 bits; bf16 -> fp32 is a 16-bit shift), int8 (scale per
+// output) or int4 (Q4_1 blocks of 32 inputs: dtype 3 of rows, csc_gather_q4 input-major).
+// x is fp32 [B, K] contiguous, B small (1..16). Threads: at::get_num_threads(); dense /
 // rows / sketch split output rows, gather splits N into contiguous slices (no atomics), the
 // fused FFN splits kept channels with per-thread partial outputs summed at the end.
 //
@@ -291,6 +292,217 @@ void gather_kernel(const T* wt, int64_t N, const float* x, int64_t B, int64_t K,
       if (scale)
         for (int64_t b = 0; b < B; ++b)
           for (int64_t n = n0; n < n1; ++n) y[b * N + n] *= scale[n];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- int4 (Q4)
+// A stored row of C values is ceil(C / 32) blocks of 20 bytes (llama.cpp's Q4_1): fp16 scale d,
+// fp16 minimum m, then 16 bytes whose byte j holds value 32g + j in its low nibble and
+// 32g + 16 + j in its high nibble as a code in [0, 15]; the value is d * code + m (pack.py's
+// quantize_q4). Values past C in the last block are padding. One stream per row: the block's
+// scale and minimum sit with its codes.
+constexpr int64_t Q4_GROUP = 32, Q4_BLOCK = 20;
+void quantize_x(const float* x, int64_t K, int64_t group, int8_t* xq, float* sx, float* xsum);
+inline int64_t q4_blocks(int64_t c) { return (c + Q4_GROUP - 1) / Q4_GROUP; }
+inline float q4_half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_f(h);
+}
+inline float q4_code(const uint8_t* blk, int64_t j) {  // code of value j < 32
+  const uint8_t b = blk[4 + (j & 15)];
+  return static_cast<float>(j < 16 ? (b & 15) : (b >> 4));
+}
+
+
+// out[b * ldo] = row . x[b], b < BT (BT in 1, 2, 4), with x as llama.cpp's Q8_1 sees it: int8
+// per block of 32 (xq, scale sx, xsum = sx * sum(xq): quantize_x), zero-padded to whole blocks.
+// Per block: d * sx * (codes . xq), integer dot products on the raw codes (maddubs: u8 codes x
+// s8 inputs), plus m * xsum (4 scalar chains); prefetches the next kept row nxt at this pace.
+template <int BT>
+inline void q4_dot(const uint8_t* row, const uint8_t* nxt, const int8_t* xq, const float* sx,
+                   const float* xsum, int64_t nb, float* out, int64_t ldo) {
+  const int64_t ldq = nb * Q4_GROUP;
+  float corr[BT][4];
+  for (int b = 0; b < BT; ++b)
+    for (int c = 0; c < 4; ++c) corr[b][c] = 0.0f;
+  int64_t g = 0;
+#if CSC_AVX2
+  constexpr int U = BT == 4 ? 1 : 2;  // independent FMA chains per batch row
+  __m256 acc[BT][U];
+  for (int b = 0; b < BT; ++b)
+    for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; g < nb; ++g) {
+    const uint8_t* blk = row + g * Q4_BLOCK;
+    if (nxt && (g & 3) == 0) prefetch(nxt + g * Q4_BLOCK);  // 4 blocks: 80 bytes
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), nib);
+    const float d = q4_half(blk), m = q4_half(blk + 2);
+    for (int b = 0; b < BT; ++b) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * ldq + g * Q4_GROUP));
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
+      __m256& a = acc[b][g % U];
+      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * sx[b * nb + g]), a);
+      corr[b][g & 3] += m * xsum[b * nb + g];
+    }
+  }
+  for (int b = 0; b < BT; ++b) {
+    __m256 t = acc[b][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[b][u]);
+    out[b * ldo] = hsum(t) + ((corr[b][0] + corr[b][1]) + (corr[b][2] + corr[b][3]));
+  }
+#else
+  (void)nxt;
+  for (int b = 0; b < BT; ++b) out[b * ldo] = 0.0f;
+  for (; g < nb; ++g) {
+    const uint8_t* blk = row + g * Q4_BLOCK;
+    const float d = q4_half(blk), m = q4_half(blk + 2);
+    for (int b = 0; b < BT; ++b) {
+      int32_t s = 0;
+      for (int64_t j = 0; j < Q4_GROUP; ++j)
+        s += static_cast<int32_t>(q4_code(blk, j)) * xq[b * ldq + g * Q4_GROUP + j];
+      out[b * ldo] += d * sx[b * nb + g] * static_cast<float>(s) + m * xsum[b * nb + g];
+    }
+  }
+#endif
+}
+
+// y[b, i] = w[row_i] . q8(x[b]), row_i = idx ? idx[i] : i, i < M; w [N, K] as Q4 rows
+void rows_q4_kernel(const uint8_t* w, int64_t K, const float* x, int64_t B, const int32_t* idx, int64_t M,
+                    float* y, int nthreads) {
+  const int64_t nb = q4_blocks(K), rb = nb * Q4_BLOCK, ldq = nb * Q4_GROUP;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> sx, xsum;
+  xq.assign(static_cast<size_t>(B * ldq), 0);
+  sx.resize(static_cast<size_t>(B * nb));
+  xsum.resize(static_cast<size_t>(B * nb));
+  for (int64_t b = 0; b < B; ++b)
+    quantize_x(x + b * K, K, Q4_GROUP, xq.data() + b * ldq, sx.data() + b * nb, xsum.data() + b * nb);
+  const int8_t* q = xq.data();
+  const float *s = sx.data(), *xs = xsum.data();
+  const int nt = threads_for(nthreads, M * rb, M);
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    int64_t i0, i1;
+    split(M, nt, t, &i0, &i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* r = w + static_cast<int64_t>(idx ? idx[i] : i) * rb;
+      const uint8_t* nxt = i + 1 < i1 ? w + static_cast<int64_t>(idx ? idx[i + 1] : i + 1) * rb : nullptr;
+      int64_t b = 0;
+      for (; b + 4 <= B; b += 4)
+        q4_dot<4>(r, b ? nullptr : nxt, q + b * ldq, s + b * nb, xs + b * nb, nb, y + b * M + i, M);
+      for (; b + 2 <= B; b += 2)
+        q4_dot<2>(r, b ? nullptr : nxt, q + b * ldq, s + b * nb, xs + b * nb, nb, y + b * M + i, M);
+      for (; b < B; ++b)
+        q4_dot<1>(r, b ? nullptr : nxt, q + b * ldq, s + b * nb, xs + b * nb, nb, y + b * M + i, M);
+    }
+  }
+}
+
+// Input-major int4 ("Q4 columns", pack.py's Q4Cols) keeps W's own blocks: 32 consecutive inputs
+// of one output share a scale d and minimum m, as in the row layout, so both layouts hold the
+// same numbers (those of the source GGUF, for a Q4_1 model). codes [K, nbn * 16]: input k's
+// row, 16 bytes per 32 outputs in the row layout's nibble order; scales fp16 [G, 2, Np]: for
+// input group g, d of every output then m of every output (Np = nbn * 32).
+// y[b, n] = sum_i x[b, k_i] (d[g_i, n] code[r_i, n] + m[g_i, n]), r_i = rowmap ? rowmap[k_i] : k_i
+// the stored row of kept input k_i and g_i = r_i / 32 its group. Kept inputs are bucketed by
+// group; per group and 32 outputs, t = sum x code (unscaled, in registers), then
+// y += d * t + m * (sum of the group's x): the scales are read once per group touched.
+#if CSC_AVX2
+inline void q4_codes(const uint8_t* p, __m256 w[4]) {  // 16 bytes -> 32 codes as floats
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
+inline float q4_nibble(const uint8_t* p, int64_t e) {  // code e < 32 of a 16-byte chunk
+  const uint8_t b = p[e & 15];
+  return static_cast<float>(e < 16 ? (b & 15) : (b >> 4));
+}
+
+void gather_q4_kernel(const uint8_t* codes, const uint16_t* scales, int64_t K, int64_t N, const float* x,
+                      int64_t B, int64_t ldx, const int32_t* idx, int64_t m, const int32_t* rowmap, float* y,
+                      int nthreads) {
+  const int64_t nbn = q4_blocks(N), rb = nbn * 16, Np = nbn * Q4_GROUP, G = q4_blocks(K);
+  // bucket the kept inputs by group (counting sort): row[i], coefficients c[b * m + i]
+  thread_local std::vector<int32_t> row, start, fill;
+  thread_local std::vector<float> c, gsum;
+  row.resize(static_cast<size_t>(std::max<int64_t>(m, 1)));
+  c.resize(static_cast<size_t>(B * std::max<int64_t>(m, 1)));
+  start.assign(static_cast<size_t>(G + 1), 0);
+  gsum.assign(static_cast<size_t>(B * G), 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t k = idx ? idx[i] : i;
+    ++start[(rowmap ? rowmap[k] : k) / Q4_GROUP + 1];
+  }
+  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+  fill.assign(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t k = idx ? idx[i] : i;
+    const int32_t r = rowmap ? rowmap[k] : static_cast<int32_t>(k);
+    const int64_t at = fill[r / Q4_GROUP]++;
+    row[at] = r;
+    for (int64_t b = 0; b < B; ++b) {
+      c[b * m + at] = x[b * ldx + k];
+      gsum[b * G + r / Q4_GROUP] += x[b * ldx + k];
+    }
+  }
+  const int32_t* rows = row.data();
+  const float *cf = c.data(), *gs = gsum.data();
+  const int32_t* st = start.data();
+  const int nt = threads_for(nthreads, m * rb, nbn);
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num();
+    int64_t j0, j1;
+    split(nbn, nt, t, &j0, &j1);
+    const int64_t n0 = std::min(N, j0 * Q4_GROUP), n1 = std::min(N, j1 * Q4_GROUP);
+    for (int64_t b = 0; b < B; ++b) std::memset(y + b * N + n0, 0, (n1 - n0) * sizeof(float));
+    for (int64_t g = 0; g < G && n1 > n0; ++g) {
+      const int64_t i0 = st[g], i1 = st[g + 1];
+      if (i0 == i1) continue;
+      const uint16_t* dg = scales + g * 2 * Np;
+      const uint16_t* mg = dg + Np;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t n = j * Q4_GROUP, cnt = std::min(Q4_GROUP, N - n);
+        for (int64_t b = 0; b < B; ++b) {
+          const float* cb = cf + b * m;
+          float* yb = y + b * N + n;
+#if CSC_AVX2
+          if (cnt == Q4_GROUP) {
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t i = i0; i < i1; ++i) {
+              __m256 w[4];
+              q4_codes(codes + static_cast<int64_t>(rows[i]) * rb + j * 16, w);
+              const __m256 cv = _mm256_set1_ps(cb[i]);
+              for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(w[u], cv, a[u]);
+            }
+            const __m256 sv = _mm256_set1_ps(gs[b * G + g]);
+            for (int u = 0; u < 4; ++u) {
+              const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dg + n + 8 * u)));
+              const __m256 mm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + n + 8 * u)));
+              const __m256 yv = _mm256_loadu_ps(yb + 8 * u);
+              _mm256_storeu_ps(yb + 8 * u, _mm256_fmadd_ps(d, a[u], _mm256_fmadd_ps(mm, sv, yv)));
+            }
+            continue;
+          }
+#endif
+          for (int64_t e = 0; e < cnt; ++e) {
+            float acc = 0.0f;
+            for (int64_t i = i0; i < i1; ++i)
+              acc += cb[i] * q4_nibble(codes + static_cast<int64_t>(rows[i]) * rb + j * 16, e);
+            yb[e] += half_to_f(dg[n + e]) * acc + half_to_f(mg[n + e]) * gs[b * G + g];
+          }
+        }
+      }
     }
   }
 }
@@ -898,7 +1110,7 @@ inline int64_t check_idx(const int32_t* idx, int64_t m, int64_t limit) {
 
 extern "C" {
 
-int csc_abi_version() { return 3; }
+int csc_abi_version() { return 4; }
 int csc_has_avx2() { return CSC_AVX2; }
 
 // y [B, M] = x [B, K] @ w[idx].T (* scale[idx]); w [N, K]; idx null -> rows 0..M-1
@@ -909,6 +1121,7 @@ int64_t csc_rows(int dtype, const void* w, int64_t N, int64_t K, const float* x,
   switch (dtype) {
     case 0: rows_kernel(static_cast<const float*>(w), K, x, B, idx, M, scale, y, nthreads); break;
     case 1: rows_kernel(static_cast<const bf16_t*>(w), K, x, B, idx, M, scale, y, nthreads); break;
+    case 3: rows_q4_kernel(static_cast<const uint8_t*>(w), K, x, B, idx, M, y, nthreads); break;
     default: rows_kernel(static_cast<const int8_t*>(w), K, x, B, idx, M, scale, y, nthreads); break;
   }
   return 0;
@@ -924,6 +1137,19 @@ int64_t csc_gather(int dtype, const void* wt, int64_t K, int64_t N, const float*
     case 1: gather_kernel(static_cast<const bf16_t*>(wt), N, x, B, K, idx, m, scale, y, nthreads); break;
     default: gather_kernel(static_cast<const int8_t*>(wt), N, x, B, K, idx, m, scale, y, nthreads); break;
   }
+  return 0;
+}
+
+// y [B, N] = x[:, idx] @ W^T[rowmap[idx]] for int4 columns (codes [K, nbn * 16], scales fp16
+// [G, 2, Np]); idx null -> inputs 0..m-1, rowmap null -> the identity
+int64_t csc_gather_q4(const uint8_t* codes, const uint16_t* scales, int64_t K, int64_t N, const float* x,
+                      int64_t B, const int32_t* idx, int64_t m, const int32_t* rowmap, float* y, int nthreads) {
+  if (int64_t bad = check_idx(idx, m, K)) return bad;
+  if (rowmap)
+    for (int64_t k = 0; k < K; ++k)
+      if (rowmap[k] < 0 || rowmap[k] >= K) return -2;
+  if (B <= 0 || N <= 0) return 0;
+  gather_q4_kernel(codes, scales, K, N, x, B, K, idx, m, rowmap, y, nthreads);
   return 0;
 }
 
@@ -1100,6 +1326,18 @@ PyObject* py_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromLongLong(rc);
 }
 
+PyObject* py_gather_q4(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[11];
+  if (!py_args(args, nargs, 11, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_gather_q4(ptr<const uint8_t*>(a[0]), ptr<const uint16_t*>(a[1]), a[2], a[3], ptr<const float*>(a[4]),
+                     a[5], ptr<const int32_t*>(a[6]), a[7], ptr<const int32_t*>(a[8]), ptr<float*>(a[9]),
+                     static_cast<int>(a[10]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
 PyObject* py_ffn(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[12];
   if (!py_args(args, nargs, 12, a)) return nullptr;
@@ -1217,6 +1455,8 @@ PyObject* py_avx2(PyObject*, PyObject* const*, Py_ssize_t) { return PyLong_FromL
 PyMethodDef csc_methods[] = {
     {"csc_rows", CSC_FAST(py_rows), "csc_rows(dtype, w, N, K, x, B, idx, M, scale, y, threads) -> status"},
     {"csc_gather", CSC_FAST(py_gather), "csc_gather(dtype, wt, K, N, x, B, idx, m, scale, y, threads) -> status"},
+    {"csc_gather_q4", CSC_FAST(py_gather_q4),
+     "csc_gather_q4(codes, scales, K, N, x, B, idx, m, rowmap, y, threads) -> status"},
     {"csc_ffn", CSC_FAST(py_ffn), "csc_ffn(dtype, wg, wu, wd, I, H, x, B, idx, m, y, threads) -> status"},
     {"csc_sketch", CSC_FAST(py_sketch), "csc_sketch(bits, packed, W, scales, G, x, B, N, K, group, y, threads)"},
     {"csc_read", CSC_FAST(py_read), "csc_read(ptr, nbytes, threads) -> byte sum"},

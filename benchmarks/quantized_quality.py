@@ -1,14 +1,15 @@
-"""What int8 kernel weights cost in quality, alone and with the per-token path's sparsity.
+"""What int8 / int4 kernel weights cost in quality, alone and with the per-token path's sparsity.
 
 The CPU backend's `--weights int8` (runtime.cpu_backend.quantize_rows: one fp32 scale per
-output) halves the bf16 bytes again. Its numbers exist only in the kernels' batch-1 decode
-steps, so this decodes teacher-forced, one step at a time, exactly as `run` does:
---windows WikiText-2 windows of --prefix + --steps tokens, the prefix prefilled dense, then
-every step on the path; KL(dense || path) and top-1 agreement with the dense fp32 model's
-logits at the same positions, per path: every weight in bf16 and in int8, the bundle's
-per-token plan in bf16 and in int8.
+output) halves the bf16 bytes again; `--weights int4` (runtime.pack.Q4: blocks of 32 with an
+fp16 scale and minimum, rows multiplied by x rounded to int8 per block) takes them to 0.31 of
+bf16. Their numbers exist only in the kernels' batch-1 decode steps, so this decodes
+teacher-forced, one step at a time, exactly as `run` does: --windows WikiText-2 windows of --prefix + --steps
+tokens, the prefix prefilled dense, then every step on the path; KL(dense || path) and top-1
+agreement with the dense fp32 model's logits at the same positions, per storage (--weights)
+and path: every weight, and the bundle's per-token plan.
 
-    python benchmarks/int8_quality.py demo-bundle --windows 6 --json results/int8_quality_smollm2.json
+    python benchmarks/quantized_quality.py demo-bundle --windows 6 --json results/quantized_quality_smollm2.json
 """
 from __future__ import annotations
 
@@ -51,11 +52,17 @@ def main(argv=None):
     ap.add_argument("--prefix", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default="bf16,int8,int4",
+                    help="storages to measure, comma-separated: bf16 (the bundle's), int8, int4")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    sessions = {"bf16": load(args.bundle), "int8": load(args.bundle, weights="int8")}
+    wanted = [w.strip() for w in args.weights.split(",") if w.strip()]
+    if not set(wanted) <= {"bf16", "int8", "int4"}:
+        raise SystemExit(f"error: --weights takes bf16, int8, int4; got {args.weights!r}")
+    sessions = {"bf16": load(args.bundle)}  # also the reference model and the bytes' base
+    sessions.update({w: load(args.bundle, weights=w) for w in wanted if w != "bf16"})
     if sessions["bf16"].pertoken is None or sessions["bf16"].pertoken.cpu is None:
         raise SystemExit(f"error: {args.bundle}: no per-token path on the CPU kernels here")
     tok = sessions["bf16"].tokenizer
@@ -65,6 +72,8 @@ def main(argv=None):
         ref = F.log_softmax(model(input_ids=windows).logits[:, args.prefix:].double(), -1)
     rows = []
     for weights, session in sessions.items():
+        if weights not in wanted:
+            continue
         pt = session.pertoken
         for mode, label in (("full", "every weight"), ("pertoken", "per-token plan")):
             lp = decode(session, mode, windows, args.prefix)
@@ -78,7 +87,7 @@ def main(argv=None):
                          "kl": kl, "top1": top1})
             print(f"{weights:5s} {label:15s} bytes {frac:.3f} of bf16 dense   KL {kl:.4f}   "
                   f"top-1 {top1:.3f}", flush=True)
-    info = {"command": "python " + " ".join(["benchmarks/int8_quality.py"] + sys.argv[1:]),
+    info = {"command": "python " + " ".join(["benchmarks/quantized_quality.py"] + sys.argv[1:]),
             "tokens": args.windows * args.steps, "run_s": round(time.perf_counter() - t0, 1),
             "rows": rows}
     if args.json:
