@@ -410,8 +410,8 @@ void rows_q4_kernel(const uint8_t* w, int64_t K, const float* x, int64_t B, cons
 // input group g, d of every output then m of every output (Np = nbn * 32).
 // y[b, n] = sum_i x[b, k_i] (d[g_i, n] code[r_i, n] + m[g_i, n]), r_i = rowmap ? rowmap[k_i] : k_i
 // the stored row of kept input k_i and g_i = r_i / 32 its group. Kept inputs are bucketed by
-// group; per group and 32 outputs, t = sum x code (unscaled, in registers), then
-// y += d * t + m * (sum of the group's x): the scales are read once per group touched.
+// group; per group, t = sum x code (unscaled) over the thread's outputs, each kept row's codes
+// streamed whole, then y += d * t + m * (the group's sum of x): scales read once per group.
 #if CSC_AVX2
 inline void q4_codes(const uint8_t* p, __m256 w[4]) {  // 16 bytes -> 32 codes as floats
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -464,44 +464,64 @@ void gather_q4_kernel(const uint8_t* codes, const uint16_t* scales, int64_t K, i
     int t = omp_get_thread_num();
     int64_t j0, j1;
     split(nbn, nt, t, &j0, &j1);
-    const int64_t n0 = std::min(N, j0 * Q4_GROUP), n1 = std::min(N, j1 * Q4_GROUP);
-    for (int64_t b = 0; b < B; ++b) std::memset(y + b * N + n0, 0, (n1 - n0) * sizeof(float));
-    for (int64_t g = 0; g < G && n1 > n0; ++g) {
+    const int64_t n0 = std::min(N, j0 * Q4_GROUP), n1 = std::min(N, j1 * Q4_GROUP), w = n1 - n0;
+    for (int64_t b = 0; b < B; ++b) std::memset(y + b * N + n0, 0, w * sizeof(float));
+    // t[b, 0:w]: one group's unscaled sum over the thread's outputs (in L1); each kept row's
+    // codes stream contiguously, 4 rows at a time sharing each load / store of t
+    std::vector<float> tbuf(static_cast<size_t>(B * std::max<int64_t>(w, 1)));
+    float* tb = tbuf.data();
+    for (int64_t g = 0; g < G && w > 0; ++g) {
       const int64_t i0 = st[g], i1 = st[g + 1];
       if (i0 == i1) continue;
-      const uint16_t* dg = scales + g * 2 * Np;
-      const uint16_t* mg = dg + Np;
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t n = j * Q4_GROUP, cnt = std::min(Q4_GROUP, N - n);
-        for (int64_t b = 0; b < B; ++b) {
-          const float* cb = cf + b * m;
-          float* yb = y + b * N + n;
+      std::fill(tbuf.begin(), tbuf.end(), 0.0f);
+      for (int64_t i = i0; i < i1;) {
+        const int R = static_cast<int>(std::min<int64_t>(4, i1 - i));
+        const uint8_t* rp[4];
+        for (int r = 0; r < R; ++r) rp[r] = codes + static_cast<int64_t>(rows[i + r]) * rb;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t n = j * Q4_GROUP, cnt = std::min(Q4_GROUP, N - n);
 #if CSC_AVX2
           if (cnt == Q4_GROUP) {
-            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t i = i0; i < i1; ++i) {
-              __m256 w[4];
-              q4_codes(codes + static_cast<int64_t>(rows[i]) * rb + j * 16, w);
-              const __m256 cv = _mm256_set1_ps(cb[i]);
-              for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(w[u], cv, a[u]);
-            }
-            const __m256 sv = _mm256_set1_ps(gs[b * G + g]);
-            for (int u = 0; u < 4; ++u) {
-              const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dg + n + 8 * u)));
-              const __m256 mm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + n + 8 * u)));
-              const __m256 yv = _mm256_loadu_ps(yb + 8 * u);
-              _mm256_storeu_ps(yb + 8 * u, _mm256_fmadd_ps(d, a[u], _mm256_fmadd_ps(mm, sv, yv)));
+            for (int64_t b = 0; b < B; ++b) {
+              float* tp = tb + b * w + (n - n0);
+              __m256 a[4];
+              for (int u = 0; u < 4; ++u) a[u] = _mm256_loadu_ps(tp + 8 * u);
+              for (int r = 0; r < R; ++r) {
+                __m256 cw[4];
+                q4_codes(rp[r] + j * 16, cw);
+                const __m256 cv = _mm256_set1_ps(cf[b * m + i + r]);
+                for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(cw[u], cv, a[u]);
+              }
+              for (int u = 0; u < 4; ++u) _mm256_storeu_ps(tp + 8 * u, a[u]);
             }
             continue;
           }
 #endif
-          for (int64_t e = 0; e < cnt; ++e) {
-            float acc = 0.0f;
-            for (int64_t i = i0; i < i1; ++i)
-              acc += cb[i] * q4_nibble(codes + static_cast<int64_t>(rows[i]) * rb + j * 16, e);
-            yb[e] += half_to_f(dg[n + e]) * acc + half_to_f(mg[n + e]) * gs[b * G + g];
-          }
+          for (int64_t b = 0; b < B; ++b)
+            for (int r = 0; r < R; ++r)
+              for (int64_t e = 0; e < cnt; ++e)
+                tb[b * w + (n - n0) + e] += cf[b * m + i + r] * q4_nibble(rp[r] + j * 16, e);
         }
+        i += R;
+      }
+      // y += d * t + m * (the group's sum of x)
+      const uint16_t* dg = scales + g * 2 * Np;
+      const uint16_t* mg = dg + Np;
+      for (int64_t b = 0; b < B; ++b) {
+        const float sgb = gs[b * G + g];
+        float* yb = y + b * N;
+        const float* tp = tb + b * w - n0;
+        int64_t n = n0;
+#if CSC_AVX2
+        const __m256 sv = _mm256_set1_ps(sgb);
+        for (; n + 8 <= n1; n += 8) {
+          const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dg + n)));
+          const __m256 mm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + n)));
+          _mm256_storeu_ps(yb + n, _mm256_fmadd_ps(d, _mm256_loadu_ps(tp + n),
+                                                   _mm256_fmadd_ps(mm, sv, _mm256_loadu_ps(yb + n))));
+        }
+#endif
+        for (; n < n1; ++n) yb[n] += half_to_f(dg[n]) * tp[n] + half_to_f(mg[n]) * sgb;
       }
     }
   }
