@@ -52,11 +52,11 @@ Operators (x is float32 [B, K], B = 1..16 typical; all accumulate in fp32, retur
 
 Weights are float32, bfloat16 or int8; int8 needs ``scale`` (float32, one per output: [N] for
 dense / gather, [N] of the full matrix for rows_gemv, indexed by idx), which float weights may
-also take. dense / rows also take a ``runtime.pack.Q4`` (int4 blocks with their own
-fp16 scales and minima, no ``scale``) row-major [N, K] for dense / rows, which multiply it by x
-rounded to int8 per block of 32 (integer dot products); gather takes the input-major copy
-``runtime.pack.Q4Cols`` of the same numbers (``gather_q4``, which can also map inputs to
-permuted rows); ``q4_gemv_reference`` is their definition. ``idx`` is a 1-D int32 (or int64) tensor of kept indices (sorted unique in practice;
+also take. int4: dense / rows take ``runtime.pack.Q4`` row blocks [N, K] (fp16 scales and
+minima inside, no ``scale``) and multiply them by x rounded to int8 per block of 32 (integer
+dot products); gather takes the input-major copy ``runtime.pack.Q4Cols`` of the same numbers
+(``gather_q4``, which can also map inputs to permuted rows); ``q4_gemv_reference`` is their
+definition. ``idx`` is a 1-D int32 (or int64) tensor of kept indices (sorted unique in practice;
 duplicates count twice, as in the reference), or None for all of them; an empty idx gives zeros
 (gather / ffn) or a [B, 0] result (rows). Threads: ``torch.get_num_threads()`` (matrices under
 64 KiB run on one). Every ``*_reference`` is the plain-torch definition the tests check against.
@@ -438,7 +438,7 @@ def _threads() -> int:
 def dense_gemv(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] @ w [N, K].T (* scale [N]) -> float32 [B, N]; w float32 / bfloat16 / int8+scale."""
     if isinstance(w, (Q4, Q4Cols)):
-        return _q4_call("rows", w, x, None, scale)
+        return _rows_q4(w, x, None, scale)
     lib = _lib()
     try:
         code = _DTYPES.get(w.dtype)
@@ -465,7 +465,7 @@ def rows_gemv(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor | None,
               scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, K] @ w[idx].T (* scale[idx]) -> float32 [B, m]; w [N, K] row-major, idx int32 [m]."""
     if isinstance(w, (Q4, Q4Cols)):
-        return _q4_call("rows", w, x, idx, scale)
+        return _rows_q4(w, x, idx, scale)
     lib = _lib()
     try:
         code = _DTYPES.get(w.dtype)
@@ -581,8 +581,9 @@ def gather_q4(wt: Q4Cols, x: torch.Tensor, idx: torch.Tensor | None, rowmap=None
     return y
 
 
-def _q4_call(kind: str, w: Q4, x: torch.Tensor, idx, scale) -> torch.Tensor:
-    """rows on int4 blocks: validated, then the kernel (dtype 3) or q4_gemv_reference."""
+def _rows_q4(w: Q4, x: torch.Tensor, idx, scale) -> torch.Tensor:
+    """rows / dense on int4 row blocks: validated, then the kernel (dtype 3) or
+    q4_gemv_reference."""
     if not isinstance(w, Q4):
         raise ValueError("int4 rows take row blocks (runtime.pack.Q4), not the input-major copy")
     if scale is not None:
@@ -594,22 +595,18 @@ def _q4_call(kind: str, w: Q4, x: torch.Tensor, idx, scale) -> torch.Tensor:
             blocks.shape[1] != -(-c // Q4_GROUP) * Q4_BLOCK:
         raise ValueError(f"int4 blocks must be contiguous uint8 [{r}, {-(-c // Q4_GROUP) * Q4_BLOCK}]"
                          f" for {c} columns, got {blocks.dtype} {tuple(blocks.shape)}")
-    rows = kind == "rows"
-    k_in, limit = (c, r) if rows else (r, r)
-    x = _check_x(x, k_in)
-    what = "rows" if rows else "inputs"
-    idx = _check_idx(idx, limit, what)
+    x = _check_x(x, c)
+    idx = _check_idx(idx, r, "rows")
     lib = _lib()
     if lib is None:
-        return q4_gemv_reference(kind, w, x, _ref_idx(idx, limit, what))
+        return q4_gemv_reference("rows", w, x, _ref_idx(idx, r, "rows"))
     b = x.shape[0]
-    m = limit if idx is None else idx.shape[0]
-    y = torch.empty(b, m if rows else c)
-    fn = lib.csc_rows if rows else lib.csc_gather
-    rc = fn(3, blocks.data_ptr(), r, c, x.data_ptr(), b, None if idx is None else idx.data_ptr(),
-            m, None, y.data_ptr(), _threads())
+    m = r if idx is None else idx.shape[0]
+    y = torch.empty(b, m)
+    rc = lib.csc_rows(3, blocks.data_ptr(), r, c, x.data_ptr(), b,
+                      None if idx is None else idx.data_ptr(), m, None, y.data_ptr(), _threads())
     if rc:
-        raise _bad_idx(rc, idx, limit, what)
+        raise _bad_idx(rc, idx, r, "rows")
     return y
 
 
