@@ -15,10 +15,8 @@ int8 storage: ``q`` int8 [N, K] with one float32 scale per output row, ``w ≈ s
 int4 storage (``Q4``, llama.cpp's Q4_1 block): each stored row of C values is ceil(C / 32)
 blocks of 20 bytes, an fp16 scale d, an fp16 minimum m and 16 bytes whose byte j holds value j
 in its low nibble and value 16 + j in its high nibble as a code in [0, 15]; the value is
-``d * code + m``. The blocks run along the stored row, so a row-major copy groups inputs and an
-input-major copy groups outputs: each layout's kernel reads one contiguous stream per kept row.
-The blocks always run along W's inputs (its own blocks, as a GGUF stores them: a Q4_1 source
-model comes back exactly). The input-major copy (``Q4Cols``) keeps them: ``codes`` uint8
+``d * code + m``. The blocks always run along W's inputs (its own blocks, as a GGUF stores
+them: a Q4_1 source model comes back exactly). The input-major copy (``Q4Cols``) keeps them: ``codes`` uint8
 [K, ceil(N / 32) * 16] (input k's codes for every output, 16 bytes per 32 outputs in the same
 nibble order) and ``scales`` fp16 [ceil(K / 32), 2, Np] (per input group: d of every output,
 then m), so a gather reads its kept inputs' codes plus one scale row per group touched.
@@ -127,6 +125,17 @@ def sketch_gemv_reference(packed: torch.Tensor, scales: torch.Tensor, x: torch.T
 Q4_GROUP, Q4_BLOCK = 32, 20  # values per int4 block, its bytes (scale, minimum, 16 code bytes)
 
 
+def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    """[..., 16] code bytes -> int16 [..., 32] codes (low nibbles: values 0-15, high: 16-31)."""
+    b = b.to(torch.int16)
+    return torch.cat([b & 15, b >> 4], -1)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int codes [..., 32] in [0, 15] -> uint8 [..., 16] (_unpack_nibbles' inverse)."""
+    return (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Q4:
     """A matrix [rows, cols] in int4 blocks (the module doc): ``blocks`` uint8
@@ -143,14 +152,17 @@ class Q4:
     def nbytes(self) -> int:
         return self.blocks.numel()
 
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale and minimum float16 [rows, blocks, 2], codes int16 [rows, blocks, 32])."""
+        b = self.blocks.reshape(self.blocks.shape[0], -1, Q4_BLOCK)
+        return b[..., :4].contiguous().view(torch.float16), _unpack_nibbles(b[..., 4:])
+
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols]: the values the int4 kernels multiply by."""
-        r = self.blocks.shape[0]
-        b = self.blocks.reshape(r, -1, Q4_BLOCK)
-        dm = b[..., :4].contiguous().view(torch.float16).float()  # [r, nb, 2]
-        codes = b[..., 4:].to(torch.int16)
-        q = torch.cat([codes & 15, codes >> 4], -1).float()  # [r, nb, 32]: values 0-15, 16-31
-        return (q * dm[..., :1] + dm[..., 1:]).reshape(r, -1)[:, :self.cols].contiguous()
+        dm, q = self.parts()
+        dm = dm.float()
+        w = q.float() * dm[..., :1] + dm[..., 1:]
+        return w.reshape(w.shape[0], -1)[:, :self.cols].contiguous()
 
 
 def quantize_q4(w: torch.Tensor) -> Q4:
@@ -169,9 +181,8 @@ def quantize_q4(w: torch.Tensor) -> Q4:
     df = d.float()
     inv = torch.where(df != 0, 1.0 / df, torch.zeros_like(df))
     q = torch.clamp(torch.round((g - m.float()) * inv), 0, 15).to(torch.int16)
-    packed = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)  # [r, nb, 16]
     head = torch.cat([d, m], -1).view(torch.uint8).reshape(r, nb, 4)
-    return Q4(torch.cat([head, packed], -1).reshape(r, nb * Q4_BLOCK).contiguous(), c)
+    return Q4(torch.cat([head, _pack_nibbles(q)], -1).reshape(r, nb * Q4_BLOCK).contiguous(), c)
 
 
 @dataclass(frozen=True)
@@ -194,8 +205,7 @@ class Q4Cols:
     def dequantize(self) -> torch.Tensor:
         """float32 [K, N]: the values the int4 gather multiplies by."""
         k, n = self.shape
-        c = self.codes.reshape(k, -1, 16).to(torch.int16)
-        q = torch.cat([c & 15, c >> 4], -1).reshape(k, -1).float()  # [K, Np]
+        q = _unpack_nibbles(self.codes.reshape(k, -1, 16)).reshape(k, -1).float()  # [K, Np]
         sc = self.scales.float().repeat_interleave(Q4_GROUP, 0)[:k]  # [K, 2, Np]
         return (q * sc[:, 0] + sc[:, 1])[:, :n].contiguous()
 
@@ -205,14 +215,10 @@ def quantize_q4_cols(w: torch.Tensor) -> Q4Cols:
     rows = quantize_q4(w)
     n, k = rows.shape
     nb, nbn = -(-k // Q4_GROUP), -(-n // Q4_GROUP)
-    b = rows.blocks.reshape(n, nb, Q4_BLOCK)
-    dm = b[..., :4].contiguous().view(torch.float16).reshape(n, nb, 2)
-    c = b[..., 4:].to(torch.int16)
-    codes = torch.cat([c & 15, c >> 4], -1).reshape(n, nb * Q4_GROUP)[:, :k]  # [N, K]
+    dm, q = rows.parts()
     ct = torch.zeros(k, nbn * Q4_GROUP, dtype=torch.int16)
-    ct[:, :n] = codes.T
-    ct = ct.reshape(k, nbn, Q4_GROUP)
-    packed = (ct[..., :16] | (ct[..., 16:] << 4)).to(torch.uint8).reshape(k, nbn * 16)
+    ct[:, :n] = q.reshape(n, nb * Q4_GROUP)[:, :k].T
+    packed = _pack_nibbles(ct.reshape(k, nbn, Q4_GROUP)).reshape(k, nbn * 16)
     scales = torch.zeros(nb, 2, nbn * Q4_GROUP, dtype=torch.float16)
     scales[:, :, :n] = dm.permute(1, 2, 0)
     return Q4Cols(packed.contiguous(), scales.contiguous(), n)

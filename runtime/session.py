@@ -324,10 +324,13 @@ def _pertoken_from_bundle(bundle, model, smap, backend: str, weights: str | None
     sketches = bundle.tensors(file) if file else {}
     elsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(bundle.manifest.get("weights_dtype"))
     perms = None
-    if weights == "int4" and (bundle.manifest.get("channel_permutation") or {}).get("applied"):
-        classes = bundle.tensors("classes.safetensors")
-        perms = {li: classes[f"perm.layer{li}"] for li in range(len(smap.layers))
-                 if f"perm.layer{li}" in classes}
+    cperm = bundle.manifest.get("channel_permutation") or {}
+    if weights == "int4" and cperm.get("applied") and ":" in str(cperm.get("tensors", "")):
+        # int4 keeps the down projection's source blocks through the build's permutation
+        file, key = cperm["tensors"].split(":", 1)  # e.g. classes.safetensors:perm.layer{l}
+        stored = bundle.tensors(file)
+        perms = {li: stored[key.format(l=li)] for li in range(len(smap.layers))
+                 if key.format(l=li) in stored}
     try:
         pt = PerToken(model, smap, plan, sketches, elsize=elsize,
                       backend="cpu" if backend == "cpu" else "torch", weights=weights,

@@ -310,9 +310,9 @@ inline float q4_half(const uint8_t* p) {
   std::memcpy(&h, p, 2);
   return half_to_f(h);
 }
-inline float q4_code(const uint8_t* blk, int64_t j) {  // code of value j < 32
-  const uint8_t b = blk[4 + (j & 15)];
-  return static_cast<float>(j < 16 ? (b & 15) : (b >> 4));
+inline float q4_nibble(const uint8_t* p, int64_t e) {  // code e < 32 of 16 code bytes
+  const uint8_t b = p[e & 15];
+  return static_cast<float>(e < 16 ? (b & 15) : (b >> 4));
 }
 
 
@@ -363,7 +363,7 @@ inline void q4_dot(const uint8_t* row, const uint8_t* nxt, const int8_t* xq, con
     for (int b = 0; b < BT; ++b) {
       int32_t s = 0;
       for (int64_t j = 0; j < Q4_GROUP; ++j)
-        s += static_cast<int32_t>(q4_code(blk, j)) * xq[b * ldq + g * Q4_GROUP + j];
+        s += static_cast<int32_t>(q4_nibble(blk + 4, j)) * xq[b * ldq + g * Q4_GROUP + j];
       out[b * ldo] += d * sx[b * nb + g] * static_cast<float>(s) + m * xsum[b * nb + g];
     }
   }
@@ -423,10 +423,6 @@ inline void q4_codes(const uint8_t* p, __m256 w[4]) {  // 16 bytes -> 32 codes a
   w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 #endif
-inline float q4_nibble(const uint8_t* p, int64_t e) {  // code e < 32 of a 16-byte chunk
-  const uint8_t b = p[e & 15];
-  return static_cast<float>(e < 16 ? (b & 15) : (b >> 4));
-}
 
 void gather_q4_kernel(const uint8_t* codes, const uint16_t* scales, int64_t K, int64_t N, const float* x,
                       int64_t B, int64_t ldx, const int32_t* idx, int64_t m, const int32_t* rowmap, float* y,
