@@ -294,6 +294,14 @@ def test_select_topk(n, k):
             assert score[idx.long()].min() >= score[off].max()
 
 
+@pytest.mark.parametrize("n,k", [(576, 403), (64, 1), (64, 63), (9, 9)])
+def test_select_topk_breaks_ties_by_the_lower_index(n, k):
+    x = torch.randint(-3, 4, (n,), generator=gen(10)).float()  # many equal scores, zeros too
+    want = sorted(range(n), key=lambda i: (-abs(float(x[i])), i))[:k]
+    idx, _ = C.select_topk(x, k)
+    assert idx.tolist() == sorted(want)
+
+
 @pytest.mark.parametrize("n,block", [(576, 64), (64, 64), (96, 32), (12, 4), (5, 1)])
 def test_rotate_equals_the_rotation(n, block):
     from cscompile.runtime.pertoken import Rotation

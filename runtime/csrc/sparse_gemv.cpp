@@ -120,10 +120,14 @@ inline float hsum(__m256 v) {
 // ----------------------------------------------------------------------------- row dots
 // One weight row at a time (a single sequential stream: interleaving several short rows
 // confuses the hardware prefetcher), with 4 independent FMA chains, while software-prefetching
-// the next kept row `nxt` (may be null) at the same pace.
+// the kept row PF_AHEAD rows on, `nxt` (may be null), into L2 at the same pace. Kept rows are
+// scattered, so the hardware sees no stream: measured here on 1,152-byte rows (SmolLM2's
+// hidden 576 in bf16) read in a random half, prefetching the next row into L1 reached 7.4 GB/s,
+// 4 rows ahead into L2 10.7 GB/s (every row in order: 19.9 vs 27 GB/s).
+constexpr int64_t PF_AHEAD = 4;
 inline void prefetch(const void* p) {
 #if CSC_AVX2
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 #else
   __builtin_prefetch(p);
 #endif
@@ -244,7 +248,8 @@ void rows_kernel(const T* w, int64_t K, const float* x, int64_t B, const int32_t
     split(M, nt, t, &i0, &i1);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t row = idx ? idx[i] : i;
-      const T* nxt = i + 1 < i1 ? w + static_cast<int64_t>(idx ? idx[i + 1] : i + 1) * K : nullptr;
+      const int64_t ia = i + PF_AHEAD;
+      const T* nxt = ia < i1 ? w + static_cast<int64_t>(idx ? idx[ia] : ia) * K : nullptr;
       dot_row_all<T>(w + row * K, nxt, x, B, K, y + i, M);
       if (scale)
         for (int64_t b = 0; b < B; ++b) y[b * M + i] *= scale[row];
@@ -391,7 +396,8 @@ void rows_q4_kernel(const uint8_t* w, int64_t K, const float* x, int64_t B, cons
     split(M, nt, t, &i0, &i1);
     for (int64_t i = i0; i < i1; ++i) {
       const uint8_t* r = w + static_cast<int64_t>(idx ? idx[i] : i) * rb;
-      const uint8_t* nxt = i + 1 < i1 ? w + static_cast<int64_t>(idx ? idx[i + 1] : i + 1) * rb : nullptr;
+      const int64_t ia = i + PF_AHEAD;
+      const uint8_t* nxt = ia < i1 ? w + static_cast<int64_t>(idx ? idx[ia] : ia) * rb : nullptr;
       int64_t b = 0;
       for (; b + 4 <= B; b += 4)
         q4_dot<4>(r, b ? nullptr : nxt, q + b * ldq, s + b * nb, xs + b * nb, nb, y + b * M + i, M);
@@ -547,8 +553,8 @@ void ffn_kernel(const T* wg, const T* wu, const T* wd, int64_t H, const float* x
       const T* rd[G];
       for (int r = 0; r < cnt; ++r) {
         const int64_t j = idx ? idx[i0 + r] : i0 + r;
-        // the next kept channel of this thread, prefetched while this one streams
-        const int64_t inext = i0 + r + 1 < std::min(m, g1 * G) ? i0 + r + 1 : -1;
+        // the kept channel PF_AHEAD on in this thread, prefetched while this one streams
+        const int64_t inext = i0 + r + PF_AHEAD < std::min(m, g1 * G) ? i0 + r + PF_AHEAD : -1;
         const int64_t jn = inext < 0 ? -1 : (idx ? idx[inext] : inext);
         dot_row_all<T>(wg + j * H, jn < 0 ? nullptr : wg + jn * H, x, B, H, gv.data() + r, G);
         dot_row_all<T>(wu + j * H, jn < 0 ? nullptr : wu + jn * H, x, B, H, uv.data() + r, G);
@@ -957,23 +963,31 @@ void sketch_q8_kernel(const uint8_t* planes, int64_t N, int64_t K, const uint16_
 // (a dozen small ops each): top-k of a score as sorted indices, the rotation of the sketches,
 // and the sketch estimate of an FFN's |silu(g) u| with its top-k.
 
-// Sorted ascending indices of the k largest score[i] (ties: lower index first) into idx;
-// returns the share of sum(score^2) off them.
+// Sorted ascending indices of the k largest score[i] >= 0 (ties: lower index first) into idx;
+// returns the share of sum(score^2) off them. Non-negative floats order as their bits, so the
+// k-th largest is one nth_element over uint32 keys, and one scan in index order emits the kept
+// (every score above it, then ties from the lowest index): no sort, no indirect compares
+// (those took ~27 us for n = 576..1536; this ~4 us).
 double topk_sorted(const float* score, int64_t n, int64_t k, int32_t* idx) {
-  thread_local std::vector<int32_t> order;
-  order.resize(n);
-  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
   k = std::min(k, n);
-  auto larger = [score](int32_t a, int32_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  };
-  if (k < n) std::nth_element(order.begin(), order.begin() + k, order.end(), larger);
-  std::sort(order.begin(), order.begin() + k);
   double total = 0.0, kept = 0.0;
   for (int64_t i = 0; i < n; ++i) total += static_cast<double>(score[i]) * score[i];
-  for (int64_t i = 0; i < k; ++i) {
-    idx[i] = order[i];
-    kept += static_cast<double>(score[order[i]]) * score[order[i]];
+  if (k <= 0) return 1.0;
+  thread_local std::vector<uint32_t> keys;
+  keys.resize(n);
+  std::memcpy(keys.data(), score, n * sizeof(float));
+  std::nth_element(keys.begin(), keys.begin() + (n - k), keys.end());
+  const uint32_t t = keys[n - k];  // the k-th largest key
+  int64_t above = 0;
+  for (int64_t i = n - k + 1; i < n; ++i) above += keys[i] > t;  // nth_element: all >= t there
+  int64_t ties = k - above, out = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, score + i, sizeof(key));
+    if (key > t || (key == t && ties-- > 0)) {
+      idx[out++] = static_cast<int32_t>(i);
+      kept += static_cast<double>(score[i]) * score[i];
+    }
   }
   return std::max(0.0, 1.0 - kept / std::max(total, 1e-30));
 }
