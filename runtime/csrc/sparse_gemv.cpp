@@ -259,6 +259,9 @@ void rows_kernel(const T* w, int64_t K, const float* x, int64_t B, const int32_t
 
 // ----------------------------------------------------------------------------- gather
 // y[b, n] = scale[n] * sum_{i<m} x[b, k_i] wt[k_i, n], k_i = idx ? idx[i] : i
+// Threads split the kept inputs (each streams whole rows, G at a time, into its own partial
+// output; thread 0's is y) and sum the partials at the end. Splitting the outputs instead cut
+// every row into nt short pieces: at 2 threads SmolLM2's gathers then ran slower than at 1.
 template <typename T>
 void gather_kernel(const T* wt, int64_t N, const float* x, int64_t B, int64_t K,
                    const int32_t* idx, int64_t m, const float* scale, float* y, int nthreads) {
@@ -268,37 +271,45 @@ void gather_kernel(const T* wt, int64_t N, const float* x, int64_t B, int64_t K,
   float* c = cbuf.data();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < m; ++i) c[b * m + i] = x[b * K + (idx ? idx[i] : i)];
-  constexpr int64_t ALIGN = 32;  // slice boundaries on 32 outputs (a cache line of bf16)
-  const int64_t nunits = (N + ALIGN - 1) / ALIGN;
-  const int nt = threads_for(nthreads, m * N * static_cast<int64_t>(sizeof(T)), nunits);
+  const int64_t ngrp = (m + G - 1) / G;
+  const int nt = threads_for(nthreads, m * N * static_cast<int64_t>(sizeof(T)), std::max<int64_t>(ngrp, 1));
+  std::vector<float> part(static_cast<size_t>((nt - 1) * B * N));
+  auto row = [&](int64_t i) { return wt + static_cast<int64_t>(idx ? idx[i] : i) * N; };
 #pragma omp parallel num_threads(nt)
   {
     int t = omp_get_thread_num();
-    int64_t u0, u1;
-    split(nunits, nt, t, &u0, &u1);
-    const int64_t n0 = std::min(N, u0 * ALIGN), n1 = std::min(N, u1 * ALIGN);
-    if (n1 > n0) {
-      for (int64_t b = 0; b < B; ++b) std::memset(y + b * N + n0, 0, (n1 - n0) * sizeof(float));
-      int64_t i = 0;
-      for (; i + G <= m; i += G) {
-        const T *rows[G], *nxt[G];
-        for (int g = 0; g < G; ++g) {
-          rows[g] = wt + static_cast<int64_t>(idx ? idx[i + g] : i + g) * N;
-          // the next group's rows (the last group prefetches its own, harmlessly)
-          const int64_t in = i + G + g < m ? i + G + g : i + g;
-          nxt[g] = wt + static_cast<int64_t>(idx ? idx[in] : in) * N;
-        }
-        axpy_rows<T, G>(rows, c + i, m, B, y, N, n0, n1, nxt);
+    float* yt = t == 0 ? y : part.data() + (t - 1) * B * N;
+    std::memset(yt, 0, B * N * sizeof(float));
+    int64_t g0, g1;
+    split(ngrp, nt, t, &g0, &g1);
+    const int64_t i1 = std::min(m, g1 * G);
+    int64_t i = g0 * G;
+    for (; i + G <= i1; i += G) {
+      const T *rows[G], *nxt[G];
+      for (int g = 0; g < G; ++g) {
+        rows[g] = row(i + g);
+        // the next group's rows (the last group prefetches its own, harmlessly)
+        nxt[g] = row(i + G + g < i1 ? i + G + g : i + g);
       }
-      for (; i < m; ++i) {
-        const T* row = wt + static_cast<int64_t>(idx ? idx[i] : i) * N;
-        axpy_rows<T, 1>(&row, c + i, m, B, y, N, n0, n1);
+      axpy_rows<T, G>(rows, c + i, m, B, yt, N, 0, N, nxt);
+    }
+    for (; i < i1; ++i) {
+      const T* r = row(i);
+      axpy_rows<T, 1>(&r, c + i, m, B, yt, N, 0, N);
+    }
+    if (nt > 1) {
+#pragma omp barrier
+      int64_t n0, n1;
+      split(B * N, nt, t, &n0, &n1);
+      for (int s = 0; s < nt - 1; ++s) {
+        const float* p = part.data() + s * B * N;
+        for (int64_t q = n0; q < n1; ++q) y[q] += p[q];
       }
-      if (scale)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = n0; n < n1; ++n) y[b * N + n] *= scale[n];
     }
   }
+  if (scale)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t n = 0; n < N; ++n) y[b * N + n] *= scale[n];
 }
 
 // ----------------------------------------------------------------------------- int4 (Q4)
