@@ -78,10 +78,10 @@ from .pack import Q4, Q4_BLOCK, Q4_GROUP, Q4Cols, sketch_gemv_reference, values_
 __all__ = [
     "available", "load_extension", "disabled",
     "dense_gemv", "rows_gemv", "gather_gemv", "gather_q4", "ffn_sparse", "sketch_gemv", "read_bandwidth",
-    "select_topk", "rotate", "sketch_select", "sketch_planes", "sketch_q8", "planes_fit",
+    "select_topk", "select_logits", "rotate", "sketch_select", "sketch_planes", "sketch_q8", "planes_fit",
     "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference", "q4_gemv_reference",
     "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
-    "select_topk_reference", "rotate_reference", "sketch_select_reference",
+    "select_topk_reference", "select_logits_reference", "rotate_reference", "sketch_select_reference",
     "quantize_x_reference", "sketch_q8_reference", "planes_codes",
     "rms_norm", "rope", "attention_row", "rms_norm_reference", "rope_reference",
     "attention_row_reference",
@@ -90,7 +90,7 @@ __all__ = [
 ENV = "CSCOMPILE_CPU_KERNELS"  # "0" forces the torch fallback
 _ENV_KEY = ENV.encode()
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS_NATIVE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]
 FLAGS_PORTABLE = ["-O3", "-fopenmp", "-std=c++17", "-DCSC_PYTHON_MODULE"]  # if -march=native fails
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -153,7 +153,8 @@ def build_root() -> Path:
     return cache_root() / "torch_extensions"
 
 
-_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_select", "csc_rotate",
+_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_select",
+          "csc_select_logits", "csc_rotate",
           "csc_sketch_select", "csc_sketch_q8", "csc_rmsnorm", "csc_rope", "csc_attention",
           "csc_abi_version", "csc_has_avx2")
 
@@ -349,6 +350,14 @@ def select_topk_reference(x: torch.Tensor, k: int, scale=None) -> tuple[torch.Te
     total = float(score.double().pow(2).sum())
     missed = 1.0 - float(vals.double().pow(2).sum()) / max(total, 1e-30)
     return idx.sort().values.to(torch.int32), max(0.0, missed)
+
+
+def select_logits_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """(sorted int32 indices of the k largest logits x, softmax mass off them)."""
+    x = x.reshape(-1).float()
+    idx = x.topk(k).indices
+    p = torch.softmax(x.double(), -1)
+    return idx.sort().values.to(torch.int32), max(0.0, 1.0 - float(p[idx].sum()))
 
 
 def rotate_reference(x: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, block: int):
@@ -703,6 +712,20 @@ def select_topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None):
     idx = torch.empty(k, dtype=_I32)
     missed = lib.csc_select(x.data_ptr(), n, _ptr(scale), k, idx.data_ptr())
     return idx, missed
+
+
+def select_logits(x: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """One row of logits x (numel n >= 1): (sorted int32 indices [k] of its k largest values,
+    ties to the lower index, the softmax mass off them), 0 <= k <= n."""
+    lib = _lib()
+    x = _row(x)
+    n, k = x.numel(), int(k)
+    if not 0 <= k <= n or n == 0:
+        raise ValueError(f"k must be in [0, {n}] for {n} >= 1 logits, got {k}")
+    if lib is None:
+        return select_logits_reference(x, k)
+    idx = torch.empty(k, dtype=_I32)
+    return idx, lib.csc_select_logits(x.data_ptr(), n, k, idx.data_ptr())
 
 
 def rotate(x: torch.Tensor, perm: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:

@@ -48,8 +48,8 @@ from cscompile.errors import BundleError, UserInputError
 from cscompile.stream import resident, stream_of
 from cscompile.structure import StructureMap
 
-from .cpu_kernels import (planes_fit, quantize_x_reference, rotate, select_topk, sketch_gemv,
-                          sketch_planes, sketch_q8, sketch_select)
+from .cpu_kernels import (planes_fit, quantize_x_reference, rotate, select_logits, select_topk,
+                          sketch_gemv, sketch_planes, sketch_q8, sketch_select)
 from .pack import dequantize_codes, packed_bytes, unpack_codes
 
 INPUT_OPS = ("dense", "teal", "wina")
@@ -416,18 +416,24 @@ class _Stats:
 
     def __init__(self):
         self.missed: dict[str, list[torch.Tensor]] = {}
+        self.scalars: dict[str, float] = {}  # batch-1 kernels' figures: their running max
 
     def add(self, part: str, missed: torch.Tensor | float):
-        if isinstance(missed, float):  # a batch-1 CPU kernel's figure
-            missed = torch.tensor([missed])
+        if isinstance(missed, float):  # one position: no tensor per layer and part
+            self.scalars[part] = max(missed, self.scalars.get(part, 0.0))
+            return
         self.missed.setdefault(part, []).append(missed.detach().reshape(-1).float())
 
     def clear(self):
         self.missed.clear()
+        self.scalars.clear()
 
     def worst(self) -> dict[str, torch.Tensor]:
         """Per part: per position, the worst (largest) missed share over the layers."""
-        return {k: torch.stack(v).amax(0) for k, v in self.missed.items() if v}
+        out = {k: torch.stack(v).amax(0) for k, v in self.missed.items() if v}
+        for k, v in self.scalars.items():
+            out[k] = torch.clamp(out[k], min=v) if k in out else torch.tensor([v])
+        return out
 
 
 _ALL = None  # "every index" for the CPU kernels
@@ -656,12 +662,12 @@ class _SparseHead(nn.Module):
             est = est + self.bias.float()
         n = min(est.shape[-1], int(cfg["candidates"]))
         if cpu is not None and h.shape[0] == 1:
-            flat = est.reshape(-1)
-            vals, idx = flat.topk(n)
-            self.rt.stats.add("lm_head", 1 - torch.softmax(flat.float(), -1)[idx].sum())
-            out = flat.clone()
-            exact = cpu.head_exact(h.reshape(1, -1), idx.to(torch.int32))[0]
-            out[idx] = exact + self.bias.float()[idx] if self.bias is not None else exact
+            out = est.reshape(-1)  # the sketch's own output: filled in place
+            idx, missed = select_logits(out, n)
+            self.rt.stats.add("lm_head", missed)
+            exact = cpu.head_exact(h.reshape(1, -1), idx)[0]
+            rows = idx.long()
+            out[rows] = exact + self.bias.float()[rows] if self.bias is not None else exact
             return out.view(1, 1, -1).to(h.dtype)
         cand = topk_mask(est, n)
         p = torch.softmax(est.float(), -1)

@@ -294,6 +294,18 @@ def test_select_topk(n, k):
             assert score[idx.long()].min() >= score[off].max()
 
 
+@pytest.mark.parametrize("n,k", [(49152, 2048), (100, 1), (7, 7), (5, 0)])
+def test_select_logits(n, k):
+    x = torch.randn(n, generator=gen(11)) * 4 - 1  # logits of both signs
+    idx, missed = C.select_logits(x, k)
+    ref_idx, ref_missed = C.select_logits_reference(x, k)
+    assert idx.dtype == torch.int32 and torch.equal(idx, ref_idx)
+    assert abs(missed - ref_missed) < 1e-9 and 0.0 <= missed <= 1.0
+    ties = torch.tensor([-2.0, 1.0, -0.0, 0.0, 1.0, -2.0, 1.0])  # -0.0 < 0.0 as keys
+    assert C.select_logits(ties, 2)[0].tolist() == [1, 4]
+    assert C.select_logits(ties, 4)[0].tolist() == [1, 3, 4, 6]
+
+
 @pytest.mark.parametrize("n,k", [(576, 403), (64, 1), (64, 63), (9, 9)])
 def test_select_topk_breaks_ties_by_the_lower_index(n, k):
     x = torch.randint(-3, 4, (n,), generator=gen(10)).float()  # many equal scores, zeros too
@@ -505,7 +517,7 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
                 C.sketch_q8(planes, scales128, x[0, :128], 3, 32, 128),
                 C.rms_norm(x, x[0], 1e-5), C.rope(x.clone(), x[0, :130], x[1, :130]),
                 C.attention_row(qa, ka, va, 0.25), C.rows_gemv(q4, x, idx),
-                C.gather_gemv(q4c, x, idk)]
+                C.gather_gemv(q4c, x, idk), C.select_logits(x[1], 20)[0]]
 
     compiled = run()
     monkeypatch.setenv(C.ENV, "0")
@@ -518,7 +530,7 @@ def test_fallback_env_gives_the_same_results(monkeypatch):
             C.sketch_q8_reference(planes, scales128, x[0, :128], 3, 32, 128),
             C.rms_norm_reference(x, x[0], 1e-5), C.rope_reference(x, x[0, :130], x[1, :130]),
             C.attention_row_reference(qa, ka, va, 0.25), C.q4_gemv_reference("rows", q4, x, idx),
-            C.q4_gemv_reference("gather", q4c, x, idk)]
+            C.q4_gemv_reference("gather", q4c, x, idk), C.select_logits_reference(x[1], 20)[0]]
     for a, b, r in zip(compiled, fallback, refs):
         assert torch.equal(b, r)  # the fallback IS the reference
         if a.is_floating_point():

@@ -974,32 +974,41 @@ void sketch_q8_kernel(const uint8_t* planes, int64_t N, int64_t K, const uint16_
 // (a dozen small ops each): top-k of a score as sorted indices, the rotation of the sketches,
 // and the sketch estimate of an FFN's |silu(g) u| with its top-k.
 
-// Sorted ascending indices of the k largest score[i] >= 0 (ties: lower index first) into idx;
-// returns the share of sum(score^2) off them. Non-negative floats order as their bits, so the
-// k-th largest is one nth_element over uint32 keys, and one scan in index order emits the kept
-// (every score above it, then ties from the lowest index): no sort, no indirect compares
-// (those took ~27 us for n = 576..1536; this ~4 us).
-double topk_sorted(const float* score, int64_t n, int64_t k, int32_t* idx) {
-  k = std::min(k, n);
-  double total = 0.0, kept = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(score[i]) * score[i];
-  if (k <= 0) return 1.0;
+// Top-k as sorted indices: the k-th largest is one nth_element over uint32 keys (float_key),
+// and one scan in index order emits the kept (every key above it, then ties from the lowest
+// index): no sort, no indirect compares (those took ~27 us for n = 576..1536).
+// Order-preserving uint32 key of a float: non-negative floats order as their bits; with the
+// sign flipped (and negatives' bits inverted) every float does.
+inline uint32_t float_key(float v, bool any_sign) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return any_sign ? (u & 0x80000000u ? ~u : u | 0x80000000u) : u;
+}
+
+// Sorted ascending indices of the k largest keys (ties: lower index first) into idx, k <= n.
+void topk_keys(const float* v, int64_t n, int64_t k, bool any_sign, int32_t* idx) {
+  if (k <= 0) return;
   thread_local std::vector<uint32_t> keys;
   keys.resize(n);
-  std::memcpy(keys.data(), score, n * sizeof(float));
+  for (int64_t i = 0; i < n; ++i) keys[i] = float_key(v[i], any_sign);
   std::nth_element(keys.begin(), keys.begin() + (n - k), keys.end());
   const uint32_t t = keys[n - k];  // the k-th largest key
   int64_t above = 0;
   for (int64_t i = n - k + 1; i < n; ++i) above += keys[i] > t;  // nth_element: all >= t there
   int64_t ties = k - above, out = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t key;
-    std::memcpy(&key, score + i, sizeof(key));
-    if (key > t || (key == t && ties-- > 0)) {
-      idx[out++] = static_cast<int32_t>(i);
-      kept += static_cast<double>(score[i]) * score[i];
-    }
+    const uint32_t key = float_key(v[i], any_sign);
+    if (key > t || (key == t && ties-- > 0)) idx[out++] = static_cast<int32_t>(i);
   }
+}
+
+double topk_sorted(const float* score, int64_t n, int64_t k, int32_t* idx) {
+  k = std::min(k, n);
+  double total = 0.0, kept = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(score[i]) * score[i];
+  if (k <= 0) return 1.0;
+  topk_keys(score, n, k, false, idx);
+  for (int64_t i = 0; i < k; ++i) kept += static_cast<double>(score[idx[i]]) * score[idx[i]];
   return std::max(0.0, 1.0 - kept / std::max(total, 1e-30));
 }
 
@@ -1151,7 +1160,7 @@ inline int64_t check_idx(const int32_t* idx, int64_t m, int64_t limit) {
 
 extern "C" {
 
-int csc_abi_version() { return 4; }
+int csc_abi_version() { return 5; }
 int csc_has_avx2() { return CSC_AVX2; }
 
 // y [B, M] = x [B, K] @ w[idx].T (* scale[idx]); w [N, K]; idx null -> rows 0..M-1
@@ -1259,6 +1268,20 @@ int64_t csc_select(const float* x, int64_t n, const float* scale, int64_t k, int
   score.resize(n);
   for (int64_t i = 0; i < n; ++i) score[i] = std::fabs(x[i]) * (scale ? scale[i] : 1.0f);
   *missed = topk_sorted(score.data(), n, k, idx);
+  return 0;
+}
+
+// idx [k] = sorted top k of the logits x [n] (any sign); *missed = the softmax mass off them
+// (the lm_head's candidates from its sketch at batch 1)
+int64_t csc_select_logits(const float* x, int64_t n, int64_t k, int32_t* idx, double* missed) {
+  if (k < 0 || k > n || n <= 0) return -1;
+  topk_keys(x, n, k, true, idx);
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  double total = 0.0, kept = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(x[i] - mx));
+  for (int64_t i = 0; i < k; ++i) kept += std::exp(static_cast<double>(x[idx[i]] - mx));
+  *missed = std::max(0.0, 1.0 - kept / total);
   return 0;
 }
 
@@ -1441,6 +1464,15 @@ PyObject* py_rotate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                         ptr<const float*>(a[3]), a[4], ptr<float*>(a[5])));
 }
 
+PyObject* py_select_logits(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[4];
+  if (!py_args(args, nargs, 4, a)) return nullptr;
+  double missed = 0.0;
+  if (csc_select_logits(ptr<const float*>(a[0]), a[1], a[2], ptr<int32_t*>(a[3]), &missed))
+    Py_RETURN_NONE;
+  return PyFloat_FromDouble(missed);
+}
+
 PyObject* py_sketch_select(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[14];
   if (!py_args(args, nargs, 14, a)) return nullptr;
@@ -1502,6 +1534,7 @@ PyMethodDef csc_methods[] = {
     {"csc_sketch", CSC_FAST(py_sketch), "csc_sketch(bits, packed, W, scales, G, x, B, N, K, group, y, threads)"},
     {"csc_read", CSC_FAST(py_read), "csc_read(ptr, nbytes, threads) -> byte sum"},
     {"csc_select", CSC_FAST(py_select), "csc_select(x, n, scale, k, idx) -> missed | None"},
+    {"csc_select_logits", CSC_FAST(py_select_logits), "csc_select_logits(x, n, k, idx) -> missed | None"},
     {"csc_rotate", CSC_FAST(py_rotate), "csc_rotate(x, n, perm, signs, block, y) -> status"},
     {"csc_sketch_select", CSC_FAST(py_sketch_select),
      "csc_sketch_select(bits, planes_g, sg, planes_u, su, G, xr, N, K, group, k, idx, est, threads) -> missed | None"},
