@@ -162,11 +162,33 @@ def bench_linear(label, n, k, threads, batch, dtypes, gen, args, bw):
                 qc = wt[0][0]
                 read = qc.codes.numel() * idx.numel() / k + 2 * qc.scales.numel()
             meta[nm] = ("gather_gemv", dname, keep, read, dense_name[dname])
+    if batch == 1 and torch.bfloat16 in dtypes:
+        read_ops(ops, meta, n, k, gen, inputs=not label.startswith("lm_head"))
     res = time_group(ops, args.rounds, args.round_s, args.min_calls)
     for nm, (op, dname, keep, nbytes, ref) in meta.items():
         rows.append(row(label, op, dname, keep, threads, batch, res[nm], nbytes, bw,
                         res[ref] if ref else None, nbytes_dense=nbytes / keep))
     return rows
+
+
+def read_ops(ops, meta, n, k, gen, inputs: bool):
+    """The memory system's own ceiling for the sparse kernels' patterns: the bytes of a bf16
+    [n, k] matrix's kept rows (rows_gemv) and, with inputs, of its input-major copy's kept
+    inputs (gather_gemv), read with no arithmetic (cpu_kernels.read_rows); their %ceil is
+    against reading every row, so a kernel's %ceil compares with the read's at the same keep."""
+    for op, (r, c) in (("read kept rows", (n, k)), ("read kept inputs", (k, n)))[:2 if inputs else 1]:
+        make = lambda i, r=r, c=c: torch.randint(0, 256, (r, 2 * c), dtype=torch.uint8, generator=gen)  # noqa: E731
+        nbytes = 2 * r * c
+        if (2 * c) % 64:
+            continue
+        every = torch.arange(r, dtype=torch.int32)
+        for keep in (1.0, *KEEPS):
+            idx = every if keep == 1.0 else kept_idx(r, keep, gen)
+            bufs = make_copies(make, nbytes, keep)
+            nm = f"{op} {keep:.0%}"
+            ops[nm] = (lambda bufs, idx: lambda i: C.read_rows(bufs[i % len(bufs)], idx))(bufs, idx)
+            meta[nm] = (op, "bf16", keep, nbytes * idx.numel() / r,
+                        None if keep == 1.0 else f"{op} 100%")
 
 
 def bench_ffn(label, h, inter, threads, batch, dtypes, gen, args, bw):

@@ -78,6 +78,7 @@ from .pack import Q4, Q4_BLOCK, Q4_GROUP, Q4Cols, sketch_gemv_reference, values_
 __all__ = [
     "available", "load_extension", "disabled",
     "dense_gemv", "rows_gemv", "gather_gemv", "gather_q4", "ffn_sparse", "sketch_gemv", "read_bandwidth",
+    "read_rows", "read_rows_reference",
     "select_topk", "select_logits", "rotate", "sketch_select", "sketch_planes", "sketch_q8", "planes_fit",
     "dense_gemv_reference", "rows_gemv_reference", "gather_gemv_reference", "q4_gemv_reference",
     "ffn_sparse_reference", "sketch_gemv_reference", "read_bandwidth_reference",
@@ -153,7 +154,7 @@ def build_root() -> Path:
     return cache_root() / "torch_extensions"
 
 
-_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_select",
+_FUNCS = ("csc_rows", "csc_gather", "csc_ffn", "csc_sketch", "csc_read", "csc_read_rows", "csc_select",
           "csc_select_logits", "csc_rotate",
           "csc_sketch_select", "csc_sketch_q8", "csc_rmsnorm", "csc_rope", "csc_attention",
           "csc_abi_version", "csc_has_avx2")
@@ -857,6 +858,30 @@ def read_bandwidth(buf: torch.Tensor) -> int:
     if lib is None:
         return read_bandwidth_reference(buf)
     return int(lib.csc_read(buf.data_ptr(), buf.numel() * buf.element_size(), _threads()))
+
+
+def read_rows_reference(buf: torch.Tensor, idx: torch.Tensor) -> int:
+    """Sum of the bytes of rows idx of buf [rows, row_bytes] (as unsigned)."""
+    return read_bandwidth_reference(buf.view(torch.uint8)[idx.long()])
+
+
+def read_rows(buf: torch.Tensor, idx: torch.Tensor) -> int:
+    """Sum of the bytes of rows idx (int32) of buf [rows, row_bytes], row_bytes a multiple of
+    64, read as the sparse kernels read kept rows (time it: the memory system's speed for that
+    scattered pattern, no arithmetic)."""
+    _check_cpu(buf, "buf")
+    rows = buf.view(torch.uint8)
+    if rows.dim() != 2 or not rows.is_contiguous() or rows.shape[1] % 64:
+        raise ValueError("buf must be contiguous [rows, row_bytes], row_bytes a multiple of 64")
+    idx = _check_idx(idx, rows.shape[0], "rows")
+    lib = _lib()
+    if lib is None:
+        return read_rows_reference(rows, _ref_idx(idx, rows.shape[0], "rows"))
+    total = lib.csc_read_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], idx.data_ptr(),
+                              idx.numel(), _threads())
+    if total < 0:
+        raise ValueError(f"idx holds rows outside [0, {rows.shape[0]})")
+    return int(total)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

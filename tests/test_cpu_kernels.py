@@ -492,6 +492,18 @@ def test_bad_arguments_raise_value_errors():
 
 
 # --------------------------------------------------------------------------- fallback
+def test_read_rows():
+    g = gen(12)
+    buf = torch.randint(0, 256, (300, 192), dtype=torch.uint8, generator=g)
+    for idx in (kept(300, 0.3, g), torch.arange(300, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)):
+        assert C.read_rows(buf, idx) == C.read_rows_reference(buf, idx)
+    assert C.read_rows(buf.view(torch.bfloat16), kept(300, 0.5, g)) > 0  # any dtype: its bytes
+    with pytest.raises(ValueError, match="multiple of 64"):
+        C.read_rows(buf[:, :100].contiguous(), kept(300, 0.5, g))
+    with pytest.raises(ValueError, match="outside"):
+        C.read_rows(buf, torch.tensor([0, 300], dtype=torch.int32))
+
+
 def test_fallback_env_gives_the_same_results(monkeypatch):
     g = gen(8)
     w = torch.randn(77, 130, generator=g).bfloat16()

@@ -1336,6 +1336,43 @@ int64_t csc_attention(const float* q, int64_t Hq, int64_t Hkv, int64_t d, const 
 // sum of the n bytes at p (a streaming read, for measuring bandwidth)
 int64_t csc_read(const uint8_t* p, int64_t n, int nthreads) { return read_bytes_kernel(p, n, nthreads); }
 
+// Byte sum of rows idx [m] (each < nrows; else -2) of row_bytes each (a multiple of 64), read as the sparse kernels
+// read kept rows (threads split the rows; the row PF_AHEAD on prefetched into L2 at the same
+// pace): what the memory system gives a scattered-row pattern, with no arithmetic.
+int64_t csc_read_rows(const uint8_t* p, int64_t nrows, int64_t row_bytes, const int32_t* idx,
+                      int64_t m, int nthreads) {
+  if (row_bytes <= 0 || row_bytes % 64 || m < 0) return -1;
+  if (check_idx(idx, m, nrows)) return -2;
+  const int nt = threads_for(nthreads, m * row_bytes, std::max<int64_t>(m, 1));
+  int64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+  {
+    int64_t i0, i1, s = 0;
+    split(m, nt, omp_get_thread_num(), &i0, &i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* r = p + idx[i] * row_bytes;
+      const uint8_t* nxt = i + PF_AHEAD < i1 ? p + idx[i + PF_AHEAD] * row_bytes : nullptr;
+#if CSC_AVX2
+      __m256i a = _mm256_setzero_si256();
+      const __m256i z = _mm256_setzero_si256();
+      for (int64_t k = 0; k < row_bytes; k += 64) {
+        if (nxt) prefetch(nxt + k);
+        a = _mm256_add_epi64(a, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)), z));
+        a = _mm256_add_epi64(a, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k + 32)), z));
+      }
+      alignas(32) int64_t l[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(l), a);
+      s += l[0] + l[1] + l[2] + l[3];
+#else
+      (void)nxt;
+      for (int64_t k = 0; k < row_bytes; ++k) s += r[k];
+#endif
+    }
+    total += s;
+  }
+  return total;
+}
+
 }  // extern "C"
 
 // ----------------------------------------------------------------------------- Python module
@@ -1464,6 +1501,16 @@ PyObject* py_rotate(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                         ptr<const float*>(a[3]), a[4], ptr<float*>(a[5])));
 }
 
+PyObject* py_read_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[6];
+  if (!py_args(args, nargs, 6, a)) return nullptr;
+  int64_t rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = csc_read_rows(ptr<const uint8_t*>(a[0]), a[1], a[2], ptr<const int32_t*>(a[3]), a[4], static_cast<int>(a[5]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(rc);
+}
+
 PyObject* py_select_logits(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[4];
   if (!py_args(args, nargs, 4, a)) return nullptr;
@@ -1533,6 +1580,7 @@ PyMethodDef csc_methods[] = {
     {"csc_ffn", CSC_FAST(py_ffn), "csc_ffn(dtype, wg, wu, wd, I, H, x, B, idx, m, y, threads) -> status"},
     {"csc_sketch", CSC_FAST(py_sketch), "csc_sketch(bits, packed, W, scales, G, x, B, N, K, group, y, threads)"},
     {"csc_read", CSC_FAST(py_read), "csc_read(ptr, nbytes, threads) -> byte sum"},
+    {"csc_read_rows", CSC_FAST(py_read_rows), "csc_read_rows(ptr, nrows, row_bytes, idx, m, threads) -> byte sum | -1 | -2"},
     {"csc_select", CSC_FAST(py_select), "csc_select(x, n, scale, k, idx) -> missed | None"},
     {"csc_select_logits", CSC_FAST(py_select_logits), "csc_select_logits(x, n, k, idx) -> missed | None"},
     {"csc_rotate", CSC_FAST(py_rotate), "csc_rotate(x, n, perm, signs, block, y) -> status"},
