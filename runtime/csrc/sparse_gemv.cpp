@@ -257,6 +257,15 @@ void rows_kernel(const T* w, int64_t K, const float* x, int64_t B, const int32_t
   }
 }
 
+// y[0:n] += the nt - 1 partial outputs part [nt - 1, n]; thread t of nt adds its slice (call
+// inside the parallel region, after a barrier)
+inline void add_partials(float* y, const float* part, int64_t n, int nt, int t) {
+  int64_t n0, n1;
+  split(n, nt, t, &n0, &n1);
+  for (int s = 0; s < nt - 1; ++s)
+    for (int64_t q = n0; q < n1; ++q) y[q] += part[s * n + q];
+}
+
 // ----------------------------------------------------------------------------- gather
 // y[b, n] = scale[n] * sum_{i<m} x[b, k_i] wt[k_i, n], k_i = idx ? idx[i] : i
 // Threads split the kept inputs (each streams whole rows, G at a time, into its own partial
@@ -299,12 +308,7 @@ void gather_kernel(const T* wt, int64_t N, const float* x, int64_t B, int64_t K,
     }
     if (nt > 1) {
 #pragma omp barrier
-      int64_t n0, n1;
-      split(B * N, nt, t, &n0, &n1);
-      for (int s = 0; s < nt - 1; ++s) {
-        const float* p = part.data() + s * B * N;
-        for (int64_t q = n0; q < n1; ++q) y[q] += p[q];
-      }
+      add_partials(y, part.data(), B * N, nt, t);
     }
   }
   if (scale)
@@ -586,12 +590,7 @@ void ffn_kernel(const T* wg, const T* wu, const T* wd, int64_t H, const float* x
     }
     if (nt > 1) {
 #pragma omp barrier
-      int64_t n0, n1;
-      split(B * H, nt, t, &n0, &n1);
-      for (int s = 0; s < nt - 1; ++s) {
-        const float* p = part.data() + s * B * H;
-        for (int64_t q = n0; q < n1; ++q) y[q] += p[q];
-      }
+      add_partials(y, part.data(), B * H, nt, t);
     }
   }
 }
