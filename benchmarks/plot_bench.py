@@ -36,7 +36,7 @@ def main() -> None:
     groups = sorted({(r["threads"], r["batch"]) for r in rows})
     paths = list(dict.fromkeys(r["path"] for r in rows))
     width = 0.8 / len(paths)
-    fig, ax = plt.subplots(figsize=(max(7, 1.8 * len(groups)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.8 * len(groups)), 6))
     for j, path in enumerate(paths):
         xs, ys, ceil = [], [], []
         for i, g in enumerate(groups):
@@ -54,7 +54,7 @@ def main() -> None:
     ax.set_ylabel("decode speed × transformers fp32")
     ax.set_title(f"{title}: decode speed by path (black mark: bytes ceiling, fp32 bytes)",
                  fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
